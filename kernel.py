@@ -14,7 +14,11 @@ This file holds two implementations of that one equation:
 - swat_attention: fused Triton kernels for the forward and backward pass.
 """
 
+import os
+
 import torch
+import triton
+import triton.language as tl
 
 
 def query_chunks(T, window, chunk_size):
@@ -57,6 +61,361 @@ def swat_attention_reference(q, k, v, slopes, window, scale=None, chunk_size=256
     return torch.cat(outputs, dim=2).to(out_dtype)
 
 
+
+# -----------------------------------------------------------------------------
+# The fused Triton kernels.
+#
+# Softmax attention needs a running row maximum and a normaliser, and its backward a
+# preprocessing pass for rowsum(o * do). A sigmoid needs none of that: every (query, key) weight
+# p = sigmoid(s) is final the moment it is computed, so
+#   forward:  o  = sum_n p_mn v_n                       (one pass, nothing saved but q, k, v)
+#   backward: dv = p^T do,  dp = do v^T,  ds = dp * p * (1 - p),
+#             dq = scale * ds k,  dk = scale * ds^T q   (p recomputed from q and k)
+# The backward runs as two kernels without atomics: one program per key block accumulates
+# dk and dv over the query blocks that see it, one program per query block accumulates dq.
+#
+# Work is O(T * w): a tile of queries visits only the key blocks its window reaches. Those
+# blocks fall into three runs: blocks cut by the window's far edge (masked), blocks that every
+# query of the tile sees whole (no mask at all), and blocks cut by the causal diagonal (masked).
+
+INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
+HEAD_SIZES = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _sigmoid(x, FAST: tl.constexpr):
+    if FAST:
+        # sigmoid(x) = 0.5 * tanh(x / 2) + 0.5: one tanh.approx instruction on the special
+        # function unit instead of an exp and a reciprocal (max. relative error about 2^-11,
+        # below the resolution of the 16-bit p that multiplies v).
+        t = tl.inline_asm_elementwise('tanh.approx.f32 $0, $1;', '=f,f', [0.5 * x],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        return 0.5 * t + 0.5
+    else:
+        return tl.sigmoid(x)
+
+
+@triton.jit
+def _weights(q, k_t, slope, scale, offs_m, offs_n, WINDOW, MASKED: tl.constexpr,
+             FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """p[m, n] = sigmoid(scale * q_m . k_n + slope * (m - n)) for a (queries x keys) tile.
+    k_t is the tile of keys transposed, (D, BLOCK_N). Masked tiles zero what the window hides."""
+    distance = offs_m[:, None] - offs_n[None, :]
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale + slope * distance.to(tl.float32)
+    p = _sigmoid(s, FAST_SIGMOID)
+    if MASKED:
+        p = tl.where((distance >= 0) & (distance < WINDOW), p, 0.0)
+    return p
+
+
+@triton.jit
+def _key_block_runs(m0, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the queries m0 .. m0+BLOCK_M-1, key-block starts split as
+    [lo, mid_lo) masked, [mid_lo, mid_hi) unmasked, [mid_hi, hi) masked."""
+    lo = tl.maximum(m0 - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    # unmasked: the last query is at most WINDOW-1 past the block's first key ...
+    mid_lo = tl.minimum(tl.cdiv(tl.maximum(m0 + BLOCK_M - WINDOW, 0), BLOCK_N) * BLOCK_N, hi)
+    # ... and the block's last key is not after the first query
+    mid_hi = tl.maximum((m0 + 1) // BLOCK_N * BLOCK_N, mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _query_block_runs(n0, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the keys n0 .. n0+BLOCK_N-1, query-block starts split as
+    [lo, mid_lo) masked, [mid_lo, mid_hi) unmasked, [mid_hi, hi) masked."""
+    lo = n0 // BLOCK_M * BLOCK_M
+    hi = tl.minimum(n0 + BLOCK_N - 1 + WINDOW, T)
+    # unmasked: the block's first query is not before the last key ...
+    mid_lo = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, hi)
+    # ... and the block's last query is at most WINDOW-1 past the first key
+    mid_hi = tl.maximum(tl.minimum((n0 + WINDOW) // BLOCK_M * BLOCK_M, hi), mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, scale, offs_m, n_lo, n_hi, T,
+                   WINDOW, BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
+                   FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_seq = offs_n < T
+        k_t = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        p = _weights(q, k_t, slope, scale, offs_m, offs_n, WINDOW, MASKED, FAST_SIGMOID, DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _forward_kernel(Q, K, V, O, Slopes, scale, T, H, WINDOW,
+                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    slope = tl.load(Slopes + h)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = _key_block_runs(m0, T, WINDOW, BLOCK_M, BLOCK_N)
+    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, scale, offs_m, lo, mid_lo, T,
+                         WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, scale, offs_m, mid_lo, mid_hi, T,
+                         WINDOW, BLOCK_N, D, False, FAST_SIGMOID, DOT_PRECISION)
+    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, scale, offs_m, mid_hi, hi, T,
+                         WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=offs_m[:, None] < T)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, scale, offs_n, m_lo, m_hi, T,
+                WINDOW, BLOCK_M: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
+                FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    k_t = tl.trans(k)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        in_seq = offs_m[:, None] < T
+        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=in_seq, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=in_seq, other=0.0)
+        p = _weights(q, k_t, slope, scale, offs_m, offs_n, WINDOW, MASKED, FAST_SIGMOID, DOT_PRECISION)
+        p_t = tl.trans(p)                                                    # (BLOCK_N, BLOCK_M)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = dp_t * p_t * (1.0 - p_t)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, DK, DV, Slopes, scale, T, H, WINDOW,
+                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                 stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                 stride_gb, stride_gh, stride_gt,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    DK += b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh       # dk and dv: same layout
+    DV += b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    slope = tl.load(Slopes + h)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    in_seq = offs_n[:, None] < T
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
+
+    dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = _query_block_runs(n0, T, WINDOW, BLOCK_M, BLOCK_N)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, scale, offs_n, lo,
+                         mid_lo, T, WINDOW, BLOCK_M, D, True, FAST_SIGMOID, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, scale, offs_n, mid_lo,
+                         mid_hi, T, WINDOW, BLOCK_M, D, False, FAST_SIGMOID, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, scale, offs_n, mid_hi,
+                         hi, T, WINDOW, BLOCK_M, D, True, FAST_SIGMOID, DOT_PRECISION)
+    tl.store(DK + offs_n[:, None] * stride_gt + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=in_seq)
+    tl.store(DV + offs_n[:, None] * stride_gt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=in_seq)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, scale, offs_m, n_lo, n_hi, T,
+              WINDOW, BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
+              FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_seq = offs_n < T
+        k_t = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+        v_t = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+        p = _weights(q, k_t, slope, scale, offs_m, offs_n, WINDOW, MASKED, FAST_SIGMOID, DOT_PRECISION)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        ds = dp * p * (1.0 - p)
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, DQ, Slopes, scale, T, H, WINDOW,
+               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+               stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+               stride_gb, stride_gh, stride_gt,
+               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    DQ += b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    slope = tl.load(Slopes + h)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    in_seq = offs_m[:, None] < T
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=in_seq, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=in_seq, other=0.0)
+
+    dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = _key_block_runs(m0, T, WINDOW, BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, scale, offs_m, lo, mid_lo, T,
+                   WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, scale, offs_m, mid_lo, mid_hi, T,
+                   WINDOW, BLOCK_N, D, False, FAST_SIGMOID, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, scale, offs_m, mid_hi, hi, T,
+                   WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    tl.store(DQ + offs_m[:, None] * stride_gt + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=in_seq)
+
+
+# -----------------------------------------------------------------------------
+# Launchers. Block sizes are tuned per head size and window on the GPU; the interpreter runs
+# one small configuration whose unequal blocks exercise every boundary case.
+
+def _configs(shapes):
+    if INTERPRET:
+        shapes = shapes[:1]
+    return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+_tuned = lambda shapes: triton.autotune(configs=_configs(shapes), key=['D', 'WINDOW'])
+_forward = _tuned([(32, 16, 4, 1), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                   (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)])(_forward_kernel)
+_dkdv = _tuned([(16, 32, 4, 1), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3),
+                (32, 64, 4, 3), (128, 128, 8, 2)])(_dkdv_kernel)
+_dq = _tuned([(32, 16, 4, 1), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+              (64, 32, 4, 3), (128, 128, 8, 2)])(_dq_kernel)
+
+
+FAST_SIGMOID = True     # use tanh.approx for 16-bit inputs on the GPU (bench.py measures both)
+
+
+def _kernel_flags(dtype):
+    # float32 inputs get exact float32 matmuls and the exact sigmoid; 16-bit inputs get the
+    # tensor cores' native path and, unless switched off, the fast sigmoid.
+    fast = FAST_SIGMOID and dtype != torch.float32 and not INTERPRET
+    return dict(FAST_SIGMOID=fast, DOT_PRECISION='ieee' if dtype == torch.float32 else 'tf32')
+
+
+def _strides(*tensors):
+    return [s for x in tensors for s in x.stride()[:3]]
+
+
+def swat_forward(q, k, v, slopes, window, scale, out):
+    """Write the attention output for q, k, v (B, H, T, D) into out; launches the Triton kernel."""
+    B, H, T, D = q.shape
+    grid = lambda meta: (triton.cdiv(T, meta['BLOCK_M']), B * H)
+    _forward[grid](q, k, v, out, slopes, scale, T, H, min(window, T), *_strides(q, k, v, out),
+                   D=D, **_kernel_flags(q.dtype))
+    return out
+
+
+def swat_backward(do, q, k, v, slopes, window, scale, dq, dk, dv):
+    """Write the gradients of q, k, v into dq, dk, dv (dk and dv must share their strides)."""
+    B, H, T, D = q.shape
+    window = min(window, T)
+    flags = _kernel_flags(q.dtype)
+    grid = lambda meta: (triton.cdiv(T, meta['BLOCK_N']), B * H)
+    _dkdv[grid](q, k, v, do, dk, dv, slopes, scale, T, H, window, *_strides(q, k, v, do, dk),
+                D=D, **flags)
+    grid = lambda meta: (triton.cdiv(T, meta['BLOCK_M']), B * H)
+    _dq[grid](q, k, v, do, dq, slopes, scale, T, H, window, *_strides(q, k, v, do, dq),
+              D=D, **flags)
+    return dq, dk, dv
+
+
+# Registered as custom operators so that torch.compile sees one opaque, differentiable call
+# instead of breaking its graph at the Triton launch.
+
+@torch.library.custom_op('nanoswat::swat_attention', mutates_args=())
+def _swat_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                       window: int, scale: float) -> torch.Tensor:
+    return swat_forward(q, k, v, slopes, window, scale, torch.empty(q.shape, dtype=q.dtype, device=q.device))
+
+
+@_swat_attention_op.register_fake
+def _(q, k, v, slopes, window, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op('nanoswat::swat_attention_backward', mutates_args=())
+def _swat_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                v: torch.Tensor, slopes: torch.Tensor, window: int,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    return swat_backward(do, q, k, v, slopes, window, scale, dq, dk, dv)
+
+
+@_swat_attention_backward_op.register_fake
+def _(do, q, k, v, slopes, window, scale):
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, slopes, ctx.window, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, slopes)
+
+
+def _backward(ctx, do):
+    q, k, v, slopes = ctx.saved_tensors
+    dq, dk, dv = _swat_attention_backward_op(do, q, k, v, slopes, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_swat_attention_op.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def check_inputs(q, k, v, slopes, window):
+    """Raise a ValueError that says what is wrong with the arguments, if anything is."""
+    if q.dim() != 4 or not q.shape == k.shape == v.shape:
+        raise ValueError(f"q, k and v must share one shape (B, H, T, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in DTYPES:
+        raise ValueError(f"q, k and v must share one dtype out of float32, float16, bfloat16; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device == slopes.device:
+        raise ValueError(f"q, k, v and slopes must be on one device; got {q.device}, {k.device}, "
+                         f"{v.device}, {slopes.device}")
+    if D not in HEAD_SIZES:
+        raise ValueError(f"head size D={D} is not supported; use one of {HEAD_SIZES} "
+                         f"(n_embd / n_head in the model)")
+    if T < 1:
+        raise ValueError(f"the sequence is empty (T={T}); give at least one token")
+    if slopes.shape != (H,):
+        raise ValueError(f"slopes must have shape (H,) = ({H},), one per head; got {tuple(slopes.shape)}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (the keys each query sees, itself "
+                         f"included); got {window!r}")
+
+
 def swat_attention(q, k, v, slopes, window, scale=None):
-    """SWAT attention, (B, H, T, D) -> (B, H, T, D), differentiable in q, k and v."""
-    return swat_attention_reference(q, k, v, slopes, window, scale)
+    """SWAT attention, (B, H, T, D) -> (B, H, T, D), differentiable in q, k and v.
+
+    Runs the fused Triton kernels on CUDA tensors (and on any tensors under TRITON_INTERPRET=1),
+    the einsum reference elsewhere."""
+    check_inputs(q, k, v, slopes, window)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not (q.is_cuda or INTERPRET):
+        return swat_attention_reference(q, k, v, slopes, window, scale)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return _swat_attention_op(q, k, v, slopes.to(torch.float32).contiguous(), window, scale)

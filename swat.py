@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernel import query_chunks, swat_attention, window_bias
+from kernel import HEAD_SIZES, query_chunks, swat_attention, window_bias
 
 ATTENTION_KINDS = ('sigmoid', 'softmax')
 ALIBI_MODES = ('balanced', 'negative', 'positive', 'none')
@@ -47,6 +47,9 @@ class SWATConfig:
         if self.rope and (self.n_embd // self.n_head) % 2 != 0:
             raise ValueError(f"rope=True needs an even head size, got n_embd/n_head="
                              f"{self.n_embd // self.n_head}; change n_embd or n_head")
+        if self.attn == 'sigmoid' and self.n_embd // self.n_head not in HEAD_SIZES:
+            raise ValueError(f"attn='sigmoid' supports head sizes {HEAD_SIZES}, got head size "
+                             f"{self.n_embd // self.n_head} (n_embd/n_head); change n_embd or n_head")
         if self.alibi == 'balanced' and self.n_head % 2 != 0:
             raise ValueError(f"alibi='balanced' splits the heads in two halves and needs an even "
                              f"n_head, got n_head={self.n_head}; use an even n_head or another "
