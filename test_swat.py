@@ -6,19 +6,33 @@ float16; the interpreter multiplies bfloat16 wrongly inside tl.dot). With a GPU 
 run on it, and the GPU-only cases add full sizes, bfloat16 and torch.compile.
 """
 
+import hashlib
 import math
 import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')     # must be set before triton is imported
 
-import kernel  # noqa: E402
 from kernel import swat_attention, swat_attention_reference, swat_backward, swat_forward  # noqa: E402
 from swat import SWAT, SWATConfig, alibi_slopes  # noqa: E402
+import tokenizer  # noqa: E402
+from configurator import apply_overrides  # noqa: E402
+from tokenizer import EOT, gpt2_tokenizer  # noqa: E402
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(ROOT, 'data', 'shakespeare')
+PREPARE = os.path.join(DATA, 'prepare.py')
+# the scripts run as a user runs them: on a CPU through the reference, not the interpreter
+SCRIPT_ENV = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
 GPU = torch.cuda.is_available()
 DEVICE = 'cuda' if GPU else 'cpu'
 needs_gpu = pytest.mark.skipif(not GPU, reason='needs a CUDA GPU')
@@ -293,3 +307,290 @@ def test_model_single_layer_sees_only_its_window(rope):
 def test_model_receptive_field_grows_with_depth():
     model = SWAT(tiny_config(n_layer=3, window=4))
     assert model.receptive_field == 1 + 3 * 3
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer and the data
+
+def test_tokenizer_file_hash():
+    with open(tokenizer.RANKS_PATH, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == tokenizer.RANKS_SHA256
+
+
+def test_known_gpt2_encodings():
+    enc = gpt2_tokenizer()
+    assert enc.n_vocab == 50257 and EOT == 50256
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.encode_ordinary("Hello, world!") == [15496, 11, 995, 0]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [EOT]
+    assert gpt2_tokenizer() is enc  # cached
+
+
+def test_decode_round_trip():
+    enc = gpt2_tokenizer()
+    text = "To be, or not to be\u2014that is the question:\n\tWhether \u2019tis nobler\u2026  \n\n  caf\u00e9 \u2603 "
+    assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+@pytest.mark.parametrize("content", [None, b"IQ== 0\n"])  # missing, corrupt
+def test_bad_tokenizer_file_gives_clear_error(tmp_path, monkeypatch, content):
+    path = tmp_path / "r50k_base.tiktoken"
+    if content is not None:
+        path.write_bytes(content)
+    monkeypatch.setattr(tokenizer, "RANKS_PATH", str(path))
+    gpt2_tokenizer.cache_clear()  # force a fresh load from the patched path
+    try:
+        with pytest.raises((ValueError, FileNotFoundError), match="git checkout data/r50k_base.tiktoken"):
+            gpt2_tokenizer()
+    finally:
+        gpt2_tokenizer.cache_clear()  # the next test reloads the real file
+
+
+def test_prepare_shakespeare(tmp_path):
+    prepare = runpy.run_path(PREPARE)["prepare"]  # not as __main__: nothing runs on load
+    n_train, n_val = prepare(str(tmp_path))
+    train = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(tmp_path / "val.bin", dtype=np.uint16, mode="r")
+    assert (len(train), len(val)) == (n_train, n_val)
+    # one EOT per work: 4 validation plays, the other 38 texts in train
+    assert (val == EOT).sum() == 4 and val[-1] == EOT
+    assert (train == EOT).sum() == 38 and train[-1] == EOT
+    assert 0.08 < n_val / (n_train + n_val) < 0.12
+    # no validation text leaks into train: a passage from inside each val play
+    enc = gpt2_tokenizer()
+    train_text = enc.decode(train.tolist())
+    ends = np.flatnonzero(val == EOT)
+    for start in [0, *(ends[:-1] + 1)]:
+        passage = enc.decode(val[start + 1000:start + 1200].tolist())
+        assert len(passage) > 300 and passage not in train_text
+
+
+# -----------------------------------------------------------------------------
+# the scripts: configurator, train.py, sample.py
+
+# a model small enough to train for a few dozen steps in seconds on a CPU
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=64', '--window=16',
+        '--batch_size=4', '--eval_iters=2', '--device=cpu', '--compile=False', '--dtype=float32',
+        '--dropout=0.0']
+
+
+def run(script, *args, check=True):
+    """Run `python script args...` from the repo root; return the CompletedProcess."""
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=SCRIPT_ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def eval_losses(stdout):
+    """[(step, train loss, val loss), ...] from train.py's evaluation lines."""
+    return [(int(s), float(t), float(v)) for s, t, v in
+            re.findall(r'step (\d+): train loss ([\d.]+), val loss ([\d.]+)', stdout)]
+
+
+@pytest.fixture(scope='session')
+def shakespeare():
+    """Make sure data/shakespeare/{train,val}.bin exist (tokenize the corpus once if not)."""
+    if not all(os.path.exists(os.path.join(DATA, f'{s}.bin')) for s in ('train', 'val')):
+        run(os.path.join('data', 'shakespeare', 'prepare.py'))
+    return DATA
+
+
+@pytest.fixture(scope='module')
+def trained(shakespeare, tmp_path_factory):
+    """An out_dir holding the checkpoint of a 10-step run (tests must not modify it)."""
+    out = tmp_path_factory.mktemp('trained')
+    proc = run('train.py', *TINY, f'--out_dir={out}', '--max_iters=10', '--eval_interval=5',
+               '--always_save_checkpoint=True')
+    return out, proc
+
+
+# -----------------------------------------------------------------------------
+# configurator
+
+def defaults():
+    return {'batch_size': 16, 'learning_rate': 1e-3, 'compile': False, 'device': 'cpu',
+            'start': '\n'}
+
+
+def test_configurator_parses_and_checks_types():
+    cfg = defaults()
+    overrides = apply_overrides(cfg, list(cfg), ['--batch_size=32', '--learning_rate=3e-4',
+                                                 '--compile=True', '--device=cuda:1'])
+    assert cfg == {'batch_size': 32, 'learning_rate': 3e-4, 'compile': True, 'device': 'cuda:1',
+                   'start': '\n'}
+    assert set(overrides) == {'batch_size', 'learning_rate', 'compile', 'device'}
+    # an int is fine where a float is expected, and becomes a float
+    apply_overrides(cfg, list(cfg), ['--learning_rate=1'])
+    assert cfg['learning_rate'] == 1.0 and isinstance(cfg['learning_rate'], float)
+    # a string setting keeps the text as written, quoted or not, even if it looks like a number
+    apply_overrides(cfg, list(cfg), ['--start=123', '--device="cpu"'])
+    assert cfg['start'] == '123' and cfg['device'] == 'cpu'
+    apply_overrides(cfg, list(cfg), ['--start=a=b'])        # only the first '=' splits
+    assert cfg['start'] == 'a=b'
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--batch_size=1.5', 'batch_size'),         # float where an int is expected
+    ('--batch_size=big', 'batch_size'),         # string where an int is expected
+    ('--compile=1', 'True or False'),           # bool must be spelled True/False
+    ('--compile=yes', 'True or False'),
+    ('--learning_rate=fast', 'learning_rate'),
+    ('--bach_size=8', 'valid keys: batch_size, learning_rate, compile, device, start'),  # typo
+    ('batch_size=8', 'valid keys'),             # not --key=value
+    ('--batch_size', 'valid keys'),
+])
+def test_configurator_errors(arg, message, capsys):
+    cfg = defaults()
+    with pytest.raises(SystemExit) as e:
+        apply_overrides(cfg, list(cfg), [arg])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert cfg == defaults()                    # nothing half-applied
+
+
+# -----------------------------------------------------------------------------
+# train.py
+
+def test_train_loss_falls(shakespeare, tmp_path):
+    proc = run('train.py', *TINY, f'--out_dir={tmp_path}', '--max_iters=60',
+               '--eval_interval=30', '--learning_rate=1e-2', '--warmup_iters=5',
+               '--lr_decay_iters=60', '--min_lr=1e-3', '--eval_iters=4')
+    losses = eval_losses(proc.stdout)
+    assert [step for step, _, _ in losses] == [0, 30, 60]
+    first, last = losses[0], losses[-1]
+    assert first[1] > 10.0                      # ~ln(50304) = 10.8 at initialisation
+    assert last[1] < first[1] - 2.0, losses     # the train loss clearly falls
+    assert last[2] < first[2] - 2.0, losses     # and so does the val loss
+    assert re.search(r'done: final train loss [\d.]+, val loss [\d.]+ .*wall time', proc.stdout)
+    assert os.path.exists(os.path.join(tmp_path, 'ckpt.pt'))
+    assert not os.path.exists(os.path.join(tmp_path, 'ckpt.pt.tmp'))
+
+
+def test_checkpoint_contents(trained):
+    out, proc = trained
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu')
+    assert set(ckpt) >= {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'}
+    assert ckpt['iter_num'] == 10
+    assert ckpt['model_args']['n_layer'] == 2 and ckpt['model_args']['window'] == 16
+    assert ckpt['config']['batch_size'] == 4 and ckpt['config']['max_iters'] == 10
+    assert ckpt['best_val_loss'] == pytest.approx(min(v for _, _, v in eval_losses(proc.stdout)),
+                                                abs=1e-4)
+
+
+def test_resume_continues_the_iteration_count(trained, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(trained[0], out)
+    # the shape options on the command line are overruled by the checkpoint's
+    proc = run('train.py', *TINY, '--n_layer=3', f'--out_dir={out}', '--init_from=resume',
+               '--max_iters=20', '--eval_interval=5', '--always_save_checkpoint=True')
+    assert 'continuing from iter 10' in proc.stdout
+    assert 'n_layer=2 from the checkpoint' in proc.stdout
+    assert [s for s, _, _ in eval_losses(proc.stdout)] == [10, 15, 20]
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu')
+    assert ckpt['iter_num'] == 20 and ckpt['model_args']['n_layer'] == 2
+
+
+def test_train_tokenizes_a_missing_dataset(tmp_path):
+    """Without train.bin/val.bin, train.py runs data/<dataset>/prepare.py itself. Done in a copy
+    of the repo (so the real .bin files stay put), started from another folder: data/ is found
+    next to train.py, whatever the current directory."""
+    repo = tmp_path / 'repo'
+    (repo / 'data' / 'shakespeare').mkdir(parents=True)
+    for name in os.listdir(ROOT):
+        if name.endswith('.py'):
+            shutil.copy(os.path.join(ROOT, name), repo)
+    shutil.copy(os.path.join(ROOT, 'data', 'r50k_base.tiktoken'), repo / 'data')
+    for name in ('prepare.py', 'plays.tar.xz'):
+        shutil.copy(os.path.join(DATA, name), repo / 'data' / 'shakespeare')
+    proc = subprocess.run([sys.executable, str(repo / 'train.py'), *TINY, '--max_iters=0',
+                           f'--out_dir={tmp_path / "out"}'], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=SCRIPT_ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'running' in proc.stdout and 'prepare.py' in proc.stdout
+    for split in ('train', 'val'):
+        assert os.path.getsize(repo / 'data' / 'shakespeare' / f'{split}.bin') > 100_000
+    assert [s for s, _, _ in eval_losses(proc.stdout)] == [0]
+    assert os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+
+
+def test_train_errors(shakespeare, tmp_path):
+    proc = run('train.py', '--no_such_option=1', check=False)
+    assert proc.returncode == 2
+    assert 'unknown option --no_such_option' in proc.stderr
+    assert 'valid keys:' in proc.stderr and 'batch_size' in proc.stderr and 'window' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+    proc = run('train.py', '--max_iters=ten', check=False)
+    assert proc.returncode == 2 and 'max_iters' in proc.stderr and 'Traceback' not in proc.stderr
+
+    missing = tmp_path / 'nothing_here'
+    proc = run('train.py', *TINY, '--init_from=resume', f'--out_dir={missing}', check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert os.path.join(str(missing), 'ckpt.pt') in proc.stderr
+
+    proc = run('train.py', *TINY, '--dataset=no_such_dataset', f'--out_dir={tmp_path}',
+               check=False)
+    assert proc.returncode != 0 and 'no_such_dataset' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+    proc = run('train.py', *TINY, '--block_size=100000000', f'--out_dir={tmp_path}', check=False)
+    assert proc.returncode != 0 and 'block_size' in proc.stderr and 'Traceback' not in proc.stderr
+
+    proc = run('train.py', *TINY, '--n_head=3', '--n_embd=48', f'--out_dir={tmp_path}',
+               check=False)                     # balanced ALiBi needs an even number of heads
+    assert proc.returncode != 0 and 'n_head' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# sample.py and generation
+
+SEPARATOR = '---------------'
+
+
+def test_sample_prints_the_samples(trained, tmp_path):
+    out, _ = trained
+    proc = run('sample.py', f'--out_dir={out}', '--num_samples=3', '--max_new_tokens=8',
+               '--device=cpu', '--start=ROMEO:')
+    lines = proc.stdout.splitlines()
+    assert lines.count(SEPARATOR) == 3
+    assert proc.stdout.count('ROMEO:') >= 3     # each sample starts with the prompt
+    prompt = tmp_path / 'prompt.txt'
+    prompt.write_text('JULIET:\n', encoding='utf-8')
+    proc = run('sample.py', f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=4',
+               '--device=cpu', f'--start=FILE:{prompt}', '--top_k=0', '--temperature=1')
+    assert proc.stdout.splitlines().count(SEPARATOR) == 1 and 'JULIET:' in proc.stdout
+
+
+def test_sample_errors(tmp_path):
+    proc = run('sample.py', f'--out_dir={tmp_path}', '--device=cpu', check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert os.path.join(str(tmp_path), 'ckpt.pt') in proc.stderr and 'train.py' in proc.stderr
+
+    proc = run('sample.py', f'--out_dir={tmp_path}', '--start=', check=False)
+    assert proc.returncode != 0 and 'empty' in proc.stderr and 'Traceback' not in proc.stderr
+    empty = tmp_path / 'empty.txt'
+    empty.write_text('')
+    proc = run('sample.py', f'--out_dir={tmp_path}', f'--start=FILE:{empty}', check=False)
+    assert proc.returncode != 0 and 'empty' in proc.stderr and 'Traceback' not in proc.stderr
+
+    proc = run('sample.py', '--temperature=hot', check=False)
+    assert proc.returncode == 2 and 'valid keys' not in proc.stderr and 'temperature' in proc.stderr
+    proc = run('sample.py', '--windw=3', check=False)
+    assert proc.returncode == 2 and 'valid keys:' in proc.stderr and 'num_samples' in proc.stderr
+
+
+def test_generate_appends_tokens():
+    torch.manual_seed(0)
+    model = SWAT(SWATConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, window=16)).eval()
+    idx = torch.randint(0, 50257, (2, 5))
+    out = model.generate(idx, max_new_tokens=7, temperature=0.8, top_k=20)
+    assert out.shape == (2, 12) and torch.equal(out[:, :5], idx)
+    # no position embedding: the context may grow past block_size
+    long = model.generate(torch.randint(0, 50257, (1, 60)), max_new_tokens=10)
+    assert long.shape == (1, 70)
+    logits, loss = model(long)
+    assert logits.shape == (1, 1, 50304) and loss is None

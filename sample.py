@@ -1,0 +1,85 @@
+"""
+Sample text from a trained SWAT model (the checkpoint that train.py wrote to out_dir).
+
+    python sample.py
+    python sample.py --start="ROMEO:" --num_samples=5 --max_new_tokens=200
+    python sample.py --start=FILE:prompt.txt
+
+Generation keeps only the last (window - 1) * n_layer + 1 tokens as context, so long samples
+cost the same per token as short ones.
+"""
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+from configurator import apply_overrides
+from swat import SWAT, SWATConfig
+from tokenizer import gpt2_tokenizer
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'             # where train.py saved ckpt.pt
+start = "\n"                # the prompt; or "FILE:path" to read it from a file
+num_samples = 3             # how many samples to draw
+max_new_tokens = 500        # tokens generated per sample
+temperature = 0.8           # < 1.0 sharpens the distribution, > 1.0 flattens it
+top_k = 200                 # sample among the top_k most likely tokens only; 0 = all tokens
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+compile = False             # torch.compile the model
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+apply_overrides(globals(), config_keys)     # --key=value from the command line
+# -----------------------------------------------------------------------------
+
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    raise SystemExit(f"dtype={dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
+torch.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type,
+                                                                  dtype=ptdtype)
+
+# the prompt
+if start.startswith('FILE:'):
+    with open(start[len('FILE:'):], 'r', encoding='utf-8') as f:
+        start = f.read()
+if not start:
+    raise SystemExit("the prompt is empty: give some text with --start=TEXT or --start=FILE:path")
+enc = gpt2_tokenizer()
+start_ids = enc.encode(start, allowed_special={"<|endoftext|>"})
+
+
+def decode(ids):
+    # The vocabulary is padded from 50257 to 50304 ids for faster matmuls. The padding ids never
+    # occur in the training data, so a trained model all but never picks them; drop any that come.
+    return enc.decode([i for i in ids if i < enc.n_vocab])
+
+
+# the model, rebuilt from the checkpoint
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if not os.path.exists(ckpt_path):
+    raise SystemExit(f"no checkpoint at {ckpt_path}: train a model first with `python train.py` "
+                     f"(or point --out_dir at the folder that holds ckpt.pt)")
+checkpoint = torch.load(ckpt_path, map_location=device)
+model = SWAT(SWATConfig(**checkpoint['model_args']))
+model.load_state_dict(checkpoint['model'])
+model.eval()                                # no dropout
+model.to(device)
+if compile:
+    model = torch.compile(model)
+
+# generate
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]   # (1, T)
+with torch.no_grad():
+    with ctx:
+        for k in range(num_samples):
+            y = model.generate(x, max_new_tokens, temperature=temperature,
+                               top_k=top_k if top_k > 0 else None)
+            print(decode(y[0].tolist()))
+            print('---------------')
