@@ -350,31 +350,36 @@ def swat_backward(do, q, k, v, slopes, window, scale, dq, dk, dv):
     return dq, dk, dv
 
 
-# Registered as custom operators so that torch.compile sees one opaque, differentiable call
-# instead of breaking its graph at the Triton launch.
+# Registered as PyTorch operators so that torch.compile sees one opaque, differentiable call
+# instead of breaking its graph at the Triton launch. They are defined through
+# torch.library.Library: torch.library.custom_op builds the same operator with about 0.3 ms more
+# host time per forward + backward, which is most of the cost of a call at small sizes.
 
-@torch.library.custom_op('nanoswat::swat_attention', mutates_args=())
-def _swat_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
-                       window: int, scale: float) -> torch.Tensor:
-    return swat_forward(q, k, v, slopes, window, scale, torch.empty(q.shape, dtype=q.dtype, device=q.device))
-
-
-@_swat_attention_op.register_fake
-def _(q, k, v, slopes, window, scale):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+_library = torch.library.Library('nanoswat', 'DEF')
+_library.define('swat_attention(Tensor q, Tensor k, Tensor v, Tensor slopes, int window, '
+                'float scale) -> Tensor')
+_library.define('swat_attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Tensor slopes, '
+                'int window, float scale) -> (Tensor, Tensor, Tensor)')
 
 
-@torch.library.custom_op('nanoswat::swat_attention_backward', mutates_args=())
-def _swat_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                                v: torch.Tensor, slopes: torch.Tensor, window: int,
-                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    return swat_backward(do, q, k, v, slopes, window, scale, dq, dk, dv)
+def _empty_like(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@_swat_attention_backward_op.register_fake
-def _(do, q, k, v, slopes, window, scale):
-    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+def _forward_op(q, k, v, slopes, window, scale):
+    return swat_forward(q, k, v, slopes, window, scale, _empty_like(q))
+
+
+def _backward_op(do, q, k, v, slopes, window, scale):
+    return swat_backward(do, q, k, v, slopes, window, scale, *(_empty_like(q) for _ in range(3)))
+
+
+def _forward_shape(q, k, v, slopes, window, scale):
+    return _empty_like(q)
+
+
+def _backward_shapes(do, q, k, v, slopes, window, scale):
+    return tuple(_empty_like(q) for _ in range(3))
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -384,11 +389,15 @@ def _save_for_backward(ctx, inputs, output):
 
 def _backward(ctx, do):
     q, k, v, slopes = ctx.saved_tensors
-    dq, dk, dv = _swat_attention_backward_op(do, q, k, v, slopes, ctx.window, ctx.scale)
+    dq, dk, dv = torch.ops.nanoswat.swat_attention_backward(do, q, k, v, slopes, ctx.window, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
-_swat_attention_op.register_autograd(_backward, setup_context=_save_for_backward)
+_library.impl('swat_attention', _forward_op, 'CompositeExplicitAutograd')
+_library.impl('swat_attention_backward', _backward_op, 'CompositeExplicitAutograd')
+torch.library.register_fake('nanoswat::swat_attention', _forward_shape)
+torch.library.register_fake('nanoswat::swat_attention_backward', _backward_shapes)
+torch.library.register_autograd('nanoswat::swat_attention', _backward, setup_context=_save_for_backward)
 
 
 def check_inputs(q, k, v, slopes, window):
@@ -425,4 +434,4 @@ def swat_attention(q, k, v, slopes, window, scale=None):
     if not (q.is_cuda or INTERPRET):
         return swat_attention_reference(q, k, v, slopes, window, scale)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return _swat_attention_op(q, k, v, slopes.to(torch.float32).contiguous(), window, scale)
+    return torch.ops.nanoswat.swat_attention(q, k, v, slopes.to(torch.float32).contiguous(), window, scale)
