@@ -135,13 +135,6 @@ def _query_block_runs(n0, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _this_head(X, stride_b, stride_h, H):
-    """X moved to the (batch, head) slice of this program: program_id(1) runs over B * H."""
-    bh = tl.program_id(1)
-    return X + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
-
-
-@triton.jit
 def _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, scale, offs_m, n_lo, n_hi, T,
                    WINDOW, BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
                    FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -164,11 +157,12 @@ def _forward_kernel(Q, K, V, O, Slopes, scale, T, H, WINDOW,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
-    Q = _this_head(Q, stride_qb, stride_qh, H)
-    K = _this_head(K, stride_kb, stride_kh, H)
-    V = _this_head(V, stride_vb, stride_vh, H)
-    O = _this_head(O, stride_ob, stride_oh, H)
-    slope = tl.load(Slopes + tl.program_id(1) % H)
+    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    slope = tl.load(Slopes + h)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
@@ -214,13 +208,14 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Slopes, scale, T, H, WINDOW,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
-    Q = _this_head(Q, stride_qb, stride_qh, H)
-    K = _this_head(K, stride_kb, stride_kh, H)
-    V = _this_head(V, stride_vb, stride_vh, H)
-    DO = _this_head(DO, stride_dob, stride_doh, H)
-    DK = _this_head(DK, stride_gb, stride_gh, H)         # dk and dv share one layout
-    DV = _this_head(DV, stride_gb, stride_gh, H)
-    slope = tl.load(Slopes + tl.program_id(1) % H)
+    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    DK += b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh       # dk and dv: same layout
+    DV += b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    slope = tl.load(Slopes + h)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     in_seq = offs_n[:, None] < T
@@ -268,12 +263,13 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, scale, T, H, WINDOW,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
-    Q = _this_head(Q, stride_qb, stride_qh, H)
-    K = _this_head(K, stride_kb, stride_kh, H)
-    V = _this_head(V, stride_vb, stride_vh, H)
-    DO = _this_head(DO, stride_dob, stride_doh, H)
-    DQ = _this_head(DQ, stride_gb, stride_gh, H)
-    slope = tl.load(Slopes + tl.program_id(1) % H)
+    b, h = tl.program_id(1) // H, tl.program_id(1) % H
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    DQ += b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    slope = tl.load(Slopes + h)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     in_seq = offs_m[:, None] < T
