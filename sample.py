@@ -5,11 +5,15 @@ Sample text from a trained SWAT model (the checkpoint that train.py wrote to out
     python sample.py --start="ROMEO:" --num_samples=5 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt
 
-Generation keeps only the last (window - 1) * n_layer + 1 tokens as context, so long samples
-cost the same per token as short ones.
+Each layer keeps a cache of only the last window - 1 keys and values, so long samples cost the
+same per token, and the same memory, as short ones. With one sample the text streams to the
+terminal as it is generated; several samples are generated together, as one batch.
+--sink_tokens=4 keeps the first 4 tokens in view too (StreamingLLM, for softmax models).
 """
 
+import codecs
 import os
+import time
 from contextlib import nullcontext
 
 import torch
@@ -25,6 +29,7 @@ num_samples = 3             # how many samples to draw
 max_new_tokens = 500        # tokens generated per sample
 temperature = 0.8           # < 1.0 sharpens the distribution, > 1.0 flattens it
 top_k = 200                 # sample among the top_k most likely tokens only; 0 = all tokens
+sink_tokens = 0             # keep the first sink_tokens tokens in every layer's view too
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
@@ -37,6 +42,8 @@ apply_overrides(globals(), config_keys)     # --key=value from the command line
 
 if dtype not in ('float32', 'bfloat16', 'float16'):
     raise SystemExit(f"dtype={dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
+if sink_tokens < 0:
+    raise SystemExit(f"sink_tokens={sink_tokens}: expected 0 or more")
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -76,10 +83,38 @@ if compile:
 
 # generate
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]   # (1, T)
+x = x.expand(num_samples, -1)                                             # (num_samples, T)
+settings = dict(temperature=temperature, top_k=top_k if top_k > 0 else None,
+                sink_tokens=sink_tokens)
+
+
+def sync():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
 with torch.no_grad():
     with ctx:
-        for k in range(num_samples):
-            y = model.generate(x, max_new_tokens, temperature=temperature,
-                               top_k=top_k if top_k > 0 else None)
-            print(decode(y[0].tolist()))
+        sync()
+        t0 = time.perf_counter()
+        if num_samples == 1:
+            # Stream: print each token as it comes. A token may end in the middle of a multi-byte
+            # UTF-8 character; the incremental decoder holds such bytes back until the character
+            # is complete.
+            utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
+            print(decode(start_ids), end='', flush=True)
+            for token in model.generate_tokens(x, max_new_tokens, **settings):
+                i = token.item()
+                if i < enc.n_vocab:                 # see decode()
+                    print(utf8.decode(enc.decode_single_token_bytes(i)), end='', flush=True)
+            print(utf8.decode(b'', final=True))
             print('---------------')
+        else:
+            y = model.generate(x, max_new_tokens, **settings)
+            for k in range(num_samples):
+                print(decode(y[k].tolist()))
+                print('---------------')
+        sync()
+        dt = time.perf_counter() - t0
+print(f"{num_samples * max_new_tokens} tokens in {dt:.2f} s: "
+      f"{num_samples * max_new_tokens / dt:.1f} tokens/s")

@@ -3,7 +3,8 @@ SWAT: a GPT whose attention sees only the last `window` tokens, weighs each of t
 independent sigmoid instead of a softmax, and tells near from far with balanced ALiBi on top of
 RoPE ("Sliding Window Attention Training for Efficient Large Language Models", Fu et al. 2025).
 
-Read top to bottom: config, ALiBi slopes, RoPE, attention, MLP, block, the model.
+Read top to bottom: config, ALiBi slopes, RoPE, the KV cache, attention, MLP, block, the model,
+and generation.
 Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H head size, V vocab size.
 """
 
@@ -104,6 +105,53 @@ def apply_rope(x, cos, sin):
 
 
 # -----------------------------------------------------------------------------
+# The KV cache for generation. The next query will see itself and the w - 1 tokens before it,
+# and no token older than that can ever be seen again: each layer keeps the last w - 1 keys and
+# values and drops the rest, so generating the millionth token costs what the hundredth did,
+# in time and in memory.
+#
+# The keys are stored before RoPE. Cached tokens are placed at their index in the cache,
+# 0 .. L-1, not at their position in the text: the recent tokens are consecutive, so index
+# differences are the true distances, and RoPE and ALiBi see nothing but differences. The
+# keys are rotated afresh at every step (the indices shift as old tokens leave), and no angle
+# or distance ever exceeds the cache size, so precision does not drift however long the text.
+
+class KVCache:
+    """One layer's keys (before RoPE) and values, each (B, H, L, D).
+
+    Keeps the first `sink_tokens` tokens of the text (StreamingLLM's attention sinks, for the
+    softmax baseline) and the last window - 1: L <= sink_tokens + window - 1. With
+    bounded=False it keeps every token (the attention still applies the window, so the results
+    are the same); that only serves to measure what the bound saves."""
+
+    def __init__(self, window, sink_tokens=0, bounded=True):
+        if sink_tokens < 0:
+            raise ValueError(f"sink_tokens={sink_tokens} must be >= 0")
+        self.window = window
+        self.sink_tokens = sink_tokens
+        self.bounded = bounded
+        self.k = self.v = None
+
+    def __len__(self):
+        return 0 if self.k is None else self.k.size(2)
+
+    def update(self, k, v):
+        """Append the new tokens' k, v (B, H, T, D) and return the whole cache, (B, H, L, D), for
+        this step's attention; keep only what later steps can still see."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = (self.trim(k), self.trim(v)) if self.bounded else (k, v)
+        return k, v
+
+    def trim(self, x):
+        """The sinks (the first entries) and the last window - 1 entries of x, (B, H, L, D)."""
+        L = x.size(2)
+        s = min(self.sink_tokens, L)
+        recent = min(self.window - 1, L - s)
+        return torch.cat([x[:, :, :s], x[:, :, L - recent:]], dim=2)
+
+
+# -----------------------------------------------------------------------------
 
 def softmax_window_attention(q, k, v, slopes, window, chunk_size=1024):
     """The baseline: softmax sliding-window attention with the same ALiBi term, (B, H, T, D).
@@ -131,21 +179,59 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.register_buffer('slopes', alibi_slopes(config.n_head, config.alibi), persistent=False)
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if rope is not None:                                               # (B, H, T, D)
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        slopes = self.slopes.float()
-        if self.attn == 'sigmoid':
-            # Each key gets its own weight in (0, 1): no competition between keys, no
-            # normaliser, so a weight does not depend on how many other keys are in view.
-            y = swat_attention(q, k, v, slopes, self.window)
+        if cache is not None:                                              # (B, H, T, D)
+            y = self.cached_attention(q, k, v, rope, cache)
         else:
-            y = softmax_window_attention(q, k, v, slopes, self.window)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            slopes = self.slopes.float()
+            if self.attn == 'sigmoid':
+                # Each key gets its own weight in (0, 1): no competition between keys, no
+                # normaliser, so a weight does not depend on how many other keys are in view.
+                y = swat_attention(q, k, v, slopes, self.window)
+            else:
+                y = softmax_window_attention(q, k, v, slopes, self.window)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def cached_attention(self, q, k, v, rope, cache):
+        """Attention of T new tokens (q, k, v: (B, H, T, D), before RoPE) to the cache and to
+        themselves; rope holds cos and sin for the cache indices 0 .. L-1. Returns (B, H, T, D).
+
+        The same equation as the full forward, written out densely: a chunk of T <= w queries
+        against at most sinks + 2w - 1 keys is small, and no T x T matrix ever exists."""
+        k, v = cache.update(k, v)                          # (B, H, L, D): the cache, then the T new
+        T, L = q.size(2), k.size(2)
+        index = torch.arange(L, device=q.device)           # cache indices of the keys
+        m = index[L - T:]                                  # ... and of the queries
+
+        def rotate(x, at):                                 # RoPE at the cache indices `at`
+            return x if rope is None else apply_rope(x, rope[0][at], rope[1][at])
+
+        scale = 1.0 / math.sqrt(q.size(-1))
+        slopes = self.slopes.float()
+        k = rotate(k, index)
+        logits = scale * (rotate(q, m) @ k.transpose(-2, -1))                 # (B, H, T, L)
+        logits = logits + window_bias(L - T, L, 0, slopes, self.window)    # -inf outside the window
+        s = min(cache.sink_tokens, L)
+        if s > 0:
+            # The sinks stay in view after the window has moved past them. StreamingLLM places
+            # them just before the window, so a query at index i sees sink j at the distance
+            # min(i, s + w - 1) - j. Decoding needs no correction (its one query sits at index
+            # s + w - 1 once the cache is full), but a chunk of the prompt does: each of its
+            # queries meets the sinks as if the tokens between them had been dropped already.
+            at = m.clamp(max=s + self.window - 1)
+            distance = (at[:, None] - index[None, :s]).float()                 # (T, s)
+            sink_bias = slopes[:, None, None] * distance                        # (H, T, s)
+            sink_logits = scale * (rotate(q, at) @ k[:, :, :s].transpose(-2, -1))
+            sink_logits = sink_logits + sink_bias.masked_fill(distance < 0, float('-inf'))
+            logits = torch.cat([sink_logits, logits[..., s:]], dim=-1)
+        weights = torch.sigmoid(logits) if self.attn == 'sigmoid' else F.softmax(logits, dim=-1)
+        return weights.to(v.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -169,8 +255,8 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None):
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -208,16 +294,21 @@ class SWAT(nn.Module):
         """How far back the last token can see through all layers: 1 + (w - 1) * n_layer."""
         return 1 + (self.config.window - 1) * self.config.n_layer
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, caches=None):
+        """Logits (and the loss, given targets) for the tokens idx (B, T).
+
+        With caches (one KVCache per layer), idx continues the text the caches have seen. The
+        tokens are read w at a time, each chunk against the caches, so that no attention matrix
+        is larger than w x (sinks + 2w - 1), however long idx is."""
         B, T = idx.size()
-        x = self.transformer.drop(self.transformer.wte(idx))          # (B, T, C)
-        rope = None
-        if self.config.rope:
-            positions = torch.arange(T, device=idx.device)
-            rope = rope_cos_sin(positions, self.config.n_embd // self.config.n_head,
-                                self.config.rope_base)
-        for block in self.transformer.h:
-            x = block(x, rope)
+        if caches is None:
+            x = self.transformer.drop(self.transformer.wte(idx))      # (B, T, C)
+            rope = self.rope_table(T, idx.device)
+            for block in self.transformer.h:
+                x = block(x, rope)
+        else:
+            x = torch.cat([self.forward_cached(chunk, caches)
+                           for chunk in idx.split(self.config.window, dim=1)], dim=1)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)                                   # (B, T, V)
@@ -227,6 +318,23 @@ class SWAT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])                       # (B, 1, V): last position only
             loss = None
         return logits, loss
+
+    def forward_cached(self, idx, caches):
+        """Hidden states (B, T, C) of the tokens idx (B, T), T <= window, that follow the text
+        the caches have seen; each layer's cache takes in their keys and values."""
+        x = self.transformer.drop(self.transformer.wte(idx))          # (B, T, C)
+        # every layer's cache holds the same tokens, so one table of cache indices serves all
+        rope = self.rope_table(len(caches[0]) + idx.size(1), idx.device)
+        for block, cache in zip(self.transformer.h, caches):
+            x = block(x, rope, cache)
+        return x
+
+    def rope_table(self, T, device):
+        """RoPE's cos and sin for the positions 0 .. T-1, each (T, D); None without RoPE."""
+        if not self.config.rope:
+            return None
+        return rope_cos_sin(torch.arange(T, device=device),
+                            self.config.n_embd // self.config.n_head, self.config.rope_base)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay the matrices (linear layers, embeddings); not the norms' gains
@@ -239,18 +347,26 @@ class SWAT(nn.Module):
                                  fused=(device_type == 'cuda'))
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Append max_new_tokens tokens to idx (B, T), sampling each from the model.
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, sink_tokens=0):
+        """Append max_new_tokens tokens to idx (B, T), each sampled from the model. With
+        sink_tokens=k the first k tokens stay in view too (StreamingLLM, for softmax models)."""
+        new = self.generate_tokens(idx, max_new_tokens, temperature, top_k, sink_tokens)
+        return torch.cat([idx, *new], dim=1)
 
-        The next token depends only on the last receptive_field tokens, so the context is cropped
-        to them: the work per token stays constant however long the text grows."""
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, sink_tokens=0,
+                        bounded=True):
+        """Yield max_new_tokens sampled tokens, each (B, 1), one per step, after the prompt idx.
+
+        The prompt is read once, then each step reads only the token just sampled, against a
+        cache per layer of at most sink_tokens + window - 1 entries (bounded=False: all)."""
+        caches = [KVCache(self.config.window, sink_tokens, bounded) for _ in self.transformer.h]
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.receptive_field:])
+            logits, _ = self(idx, caches=caches)        # the prompt, then the newest token
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float('inf')
             probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+            idx = torch.multinomial(probs, num_samples=1)
+            yield idx

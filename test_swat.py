@@ -594,3 +594,230 @@ def test_generate_appends_tokens():
     assert long.shape == (1, 70)
     logits, loss = model(long)
     assert logits.shape == (1, 1, 50304) and loss is None
+
+
+# -----------------------------------------------------------------------------
+# constant-memory generation
+
+from dataclasses import asdict  # noqa: E402
+
+import kernel  # noqa: E402
+import swat  # noqa: E402
+from kernel import window_bias  # noqa: E402
+from swat import KVCache, apply_rope, rope_cos_sin  # noqa: E402
+
+
+def new_caches(model, sink_tokens=0, bounded=True):
+    return [KVCache(model.config.window, sink_tokens, bounded) for _ in model.transformer.h]
+
+
+@pytest.mark.parametrize('attn', ['sigmoid', 'softmax'])
+def test_generation_with_cache_is_the_full_forward(attn, monkeypatch):
+    """Greedy tokens and logits of the cached path are those of the full windowed forward
+    recomputed over the whole text at every step, long past the window and block_size."""
+    monkeypatch.setattr(kernel, 'INTERPRET', False)    # on a CPU, the reference: much faster
+    torch.manual_seed(0)
+    model = SWAT(tiny_config(attn=attn)).to(DEVICE).eval()        # window 8, block_size 32
+    P, N = 21, 100                                                  # prompt longer than the window
+    prompt = torch.randint(0, 101, (2, P), device=DEVICE)
+    out = model.generate(prompt, N, top_k=1)                        # (2, 121): 4 x block_size
+    assert out.shape == (2, P + N) and torch.equal(out[:, :P], prompt)
+    caches = new_caches(model)
+    with torch.no_grad():
+        cached, _ = model(prompt, caches=caches)                    # the prompt in 3 chunks
+        for t in range(P, P + N):
+            full, _ = model(out[:, :t])                             # the kernel / reference path
+            assert torch.allclose(cached, full, atol=1e-4, rtol=0), (t, (cached - full).abs().max())
+            assert torch.equal(out[:, t], full[:, -1].argmax(-1)), t
+            cached, _ = model(out[:, t:t + 1], caches=caches)
+        # with targets, the cached path gives every position's logits and the same loss
+        targets = out[:, 1:].contiguous()
+        full, full_loss = model(out[:, :-1], targets)
+        cached, cached_loss = model(out[:, :-1], targets, caches=new_caches(model))
+    assert torch.allclose(cached, full, atol=1e-4, rtol=0)
+    assert abs(cached_loss.item() - full_loss.item()) < 1e-5
+
+
+def test_sink_tokens_are_streaming_llm():
+    """One layer, softmax: with s sinks the last position sees [first s tokens] + [last w tokens],
+    placed next to each other. Layer-1 keys depend on their own token alone, so this is the full
+    forward of a model with the same weights and a window of s + w over that concatenation."""
+    torch.manual_seed(0)
+    s, w = 3, 8
+    model = SWAT(tiny_config(n_layer=1, attn='softmax', window=w)).to(DEVICE).eval()
+    wide = SWAT(tiny_config(n_layer=1, attn='softmax', window=s + w)).to(DEVICE).eval()
+    wide.load_state_dict(model.state_dict())
+    seq = torch.randint(0, 101, (2, 60), device=DEVICE)
+    caches = new_caches(model, sink_tokens=s)
+    with torch.no_grad():
+        cached, _ = model(seq[:, :30], caches=caches)               # a prompt of 4 chunks, then
+        for t in range(30, 60):                                     # one token at a time
+            expected, _ = wide(torch.cat([seq[:, :s], seq[:, t - w:t]], dim=1))
+            assert torch.allclose(cached, expected, atol=1e-5, rtol=0), t
+            cached, _ = model(seq[:, t:t + 1], caches=caches)
+    assert len(caches[0]) == s + w - 1
+
+
+def test_sink_tokens_change_nothing_until_the_window_leaves_them():
+    """Until the text is s + w tokens long, no token has left the cache: with sinks the model
+    attends causally to everything (the window of s + w), and up to w tokens the sinks are inside
+    the window anyway, so the model is the plain windowed one."""
+    torch.manual_seed(0)
+    s, w = 4, 8
+    model = SWAT(tiny_config(attn='softmax', window=w)).to(DEVICE).eval()
+    wide = SWAT(tiny_config(attn='softmax', window=s + w)).to(DEVICE).eval()
+    wide.load_state_dict(model.state_dict())
+    seq = torch.randint(0, 101, (2, s + w), device=DEVICE)
+    caches = new_caches(model, sink_tokens=s)
+    with torch.no_grad():
+        for t in range(1, s + w + 1):
+            cached, _ = model(seq[:, t - 1:t], caches=caches)
+            expected, _ = (model if t <= w else wide)(seq[:, :t])
+            assert torch.allclose(cached, expected, atol=1e-5, rtol=0), t
+
+
+def test_cache_stays_bounded():
+    """After a long generation each layer holds s + w - 1 entries, never more; an unbounded cache
+    holds every token and gives the same logits and tokens."""
+    torch.manual_seed(0)
+    s, w, P, N = 3, 8, 20, 150
+    model = SWAT(tiny_config(attn='softmax', window=w)).to(DEVICE).eval()
+    H, D = model.config.n_head, model.config.n_embd // model.config.n_head
+    prompt = torch.randint(0, 101, (1, P), device=DEVICE)
+    bounded, unbounded = new_caches(model, s), new_caches(model, s, bounded=False)
+    with torch.no_grad():
+        a, _ = model(prompt, caches=bounded)
+        b, _ = model(prompt, caches=unbounded)
+        for _ in range(N):
+            assert all(len(cache) <= s + w for cache in bounded)
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+            token = a[:, -1].argmax(-1, keepdim=True)
+            a, _ = model(token, caches=bounded)
+            b, _ = model(token, caches=unbounded)
+    for cache in bounded:
+        assert cache.k.shape == cache.v.shape == (1, H, s + w - 1, D)
+    assert all(len(cache) == P + N for cache in unbounded)
+    tokens = [torch.cat(list(model.generate_tokens(prompt, 40, top_k=1, sink_tokens=s,
+                                                   bounded=bounded)), dim=1)
+              for bounded in (True, False)]
+    assert torch.equal(*tokens)
+
+
+def test_rope_is_exact_far_out():
+    """q at p and k at p - d score as q at d and k at 0, even at p = 2^24 + 7: rope_cos_sin
+    computes the angles in float64. In float32, p itself is not representable any more."""
+    torch.manual_seed(0)
+    D, p = 64, 2 ** 24 + 7
+    q, k = torch.randn(2, 1, D)
+
+    def score(m, n, cos_sin):
+        (cos_m, sin_m), (cos_n, sin_n) = cos_sin(m), cos_sin(n)
+        return (apply_rope(q, cos_m, sin_m) * apply_rope(k, cos_n, sin_n)).sum().item()
+
+    def float64_angles(position):
+        return rope_cos_sin(torch.tensor([position]), D, 10000.0)
+
+    def float32_angles(position):
+        inv_freq = 10000.0 ** -(torch.arange(0, D, 2, dtype=torch.float32) / D)
+        angles = torch.tensor([position], dtype=torch.float32)[:, None] * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+    for d in (0, 1, 7, 100):
+        assert score(p, p - d, float64_angles) == pytest.approx(score(d, 0, float64_angles),
+                                                                abs=1e-4)
+    assert score(p, p - 1, float32_angles) != pytest.approx(score(1, 0, float32_angles), abs=1e-2)
+
+
+def test_cached_positions_stay_inside_the_cache(monkeypatch):
+    """However long the text, the cached path asks RoPE and ALiBi only for indices inside the
+    cache, so 2^24 tokens in nothing is computed differently; and the logits after a long run
+    equal those of the same context read from position 0."""
+    torch.manual_seed(0)
+    w = 8
+    model = SWAT(tiny_config(window=w)).to(DEVICE).eval()
+    largest = []                                        # the largest index each call asked for
+
+    def spy(function, largest_index):
+        def wrapper(*args):
+            largest.append(largest_index(*args))
+            return function(*args)
+        return wrapper
+
+    monkeypatch.setattr(swat, 'rope_cos_sin',
+                        spy(rope_cos_sin, lambda positions, *_: positions.max().item()))
+    monkeypatch.setattr(swat, 'window_bias', spy(window_bias, lambda m0, m1, *_: m1 - 1))
+    seq = torch.randint(0, 101, (1, 400), device=DEVICE)
+    with torch.no_grad():
+        for sink_tokens in (2, 0):
+            largest.clear()
+            caches = new_caches(model, sink_tokens)
+            model(seq[:, :30], caches=caches)                       # chunks of w: the largest L
+            for t in range(30, 400):
+                far, _ = model(seq[:, t:t + 1], caches=caches)
+            assert max(largest) == sink_tokens + 2 * w - 2          # cache + one chunk, 0-based
+        # no sinks in the last run: its last logits depend on the last receptive field alone
+        near, _ = model(seq[:, -model.receptive_field:], caches=new_caches(model))
+    assert torch.allclose(far, near, atol=1e-5, rtol=0)
+
+
+def test_sample_streams_one_sample(trained):
+    """num_samples=1 streams: the printed text is exactly the decoded prompt and sample, followed
+    by the separator and tokens/s."""
+    out, _ = trained
+    proc = run('sample.py', f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=200',
+               '--device=cpu', '--start=ROMEO:')
+    # the same sample in this process: same seed, same model, same draws
+    torch.manual_seed(1337)
+    checkpoint = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu')
+    model = SWAT(SWATConfig(**checkpoint['model_args']))
+    model.load_state_dict(checkpoint['model'])
+    model.eval()
+    enc = gpt2_tokenizer()
+    ids = model.generate(torch.tensor([enc.encode('ROMEO:')]), 200, temperature=0.8, top_k=200)
+    printed, stats = proc.stdout.rsplit(SEPARATOR + '\n', 1)
+    assert printed.endswith(enc.decode([i for i in ids[0].tolist() if i < enc.n_vocab]) + '\n')
+    assert re.fullmatch(r'200 tokens in [\d.]+ s: [\d.]+ tokens/s\n', stats)
+
+
+def tiny_softmax_checkpoint(out_dir):
+    torch.manual_seed(0)
+    config = SWATConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, window=8, attn='softmax')
+    torch.save({'model_args': asdict(config), 'model': SWAT(config).state_dict()},
+               os.path.join(out_dir, 'ckpt.pt'))
+
+
+def test_sample_streams_characters_split_across_tokens(tmp_path, monkeypatch, capsys):
+    """GPT-2 splits '😀' into the tokens b'\\xf0\\x9f\\x98' and b'\\x80': the stream must hold the
+    first bytes back until the character is complete, not print replacement characters."""
+    tiny_softmax_checkpoint(tmp_path)
+    enc = gpt2_tokenizer()
+    sample = ' ¿qué? 😀 ok'
+    ids = enc.encode(sample)
+    assert any(not enc.decode_single_token_bytes(i).decode('utf-8', errors='ignore')
+               for i in ids)                            # a token that holds no whole character
+
+    def scripted(self, idx, max_new_tokens, **settings):      # the model "generates" ids
+        for i in ids[:max_new_tokens]:
+            yield torch.tensor([[i]])
+
+    monkeypatch.setattr(SWAT, 'generate_tokens', scripted)
+    # sample.py switches TF32 on for the whole process: switch it back after this test
+    for backend in (torch.backends.cuda.matmul, torch.backends.cudnn):
+        monkeypatch.setattr(backend, 'allow_tf32', backend.allow_tf32)
+    monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={tmp_path}', '--num_samples=1',
+                                      f'--max_new_tokens={len(ids)}', '--device=cpu',
+                                      '--start=ROMEO:'])
+    runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
+    assert f'ROMEO:{sample}\n{SEPARATOR}\n' in capsys.readouterr().out
+
+
+def test_sample_sink_tokens_on_a_softmax_model(tmp_path):
+    tiny_softmax_checkpoint(tmp_path)
+    for num_samples in (1, 2):
+        proc = run('sample.py', f'--out_dir={tmp_path}', f'--num_samples={num_samples}',
+                   '--max_new_tokens=40', '--device=cpu', '--sink_tokens=4', '--start=ROMEO:')
+        lines = proc.stdout.splitlines()
+        assert lines.count(SEPARATOR) == num_samples
+        assert proc.stdout.count('\nROMEO:') == num_samples          # each sample, whole
+        assert re.fullmatch(rf'{40 * num_samples} tokens in [\d.]+ s: [\d.]+ tokens/s', lines[-1])
