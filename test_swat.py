@@ -7,6 +7,7 @@ run on it, and the GPU-only cases add full sizes, bfloat16 and torch.compile.
 """
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -14,16 +15,21 @@ import runpy
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')     # must be set before triton is imported
 
-from kernel import swat_attention, swat_attention_reference, swat_backward, swat_forward  # noqa: E402
-from swat import SWAT, SWATConfig, alibi_slopes  # noqa: E402
+import kernel  # noqa: E402
+import swat  # noqa: E402
+from kernel import (swat_attention, swat_attention_reference, swat_backward,  # noqa: E402
+                    swat_forward, window_bias)
+from swat import SWAT, KVCache, SWATConfig, alibi_slopes, apply_rope, rope_cos_sin  # noqa: E402
 import tokenizer  # noqa: E402
 from configurator import apply_overrides  # noqa: E402
 from tokenizer import EOT, gpt2_tokenizer  # noqa: E402
@@ -599,14 +605,6 @@ def test_generate_appends_tokens():
 # -----------------------------------------------------------------------------
 # constant-memory generation
 
-from dataclasses import asdict  # noqa: E402
-
-import kernel  # noqa: E402
-import swat  # noqa: E402
-from kernel import window_bias  # noqa: E402
-from swat import KVCache, apply_rope, rope_cos_sin  # noqa: E402
-
-
 def new_caches(model, sink_tokens=0, bounded=True):
     return [KVCache(model.config.window, sink_tokens, bounded) for _ in model.transformer.h]
 
@@ -821,3 +819,217 @@ def test_sample_sink_tokens_on_a_softmax_model(tmp_path):
         assert lines.count(SEPARATOR) == num_samples
         assert proc.stdout.count('\nROMEO:') == num_samples          # each sample, whole
         assert re.fullmatch(rf'{40 * num_samples} tokens in [\d.]+ s: [\d.]+ tokens/s', lines[-1])
+
+
+# -----------------------------------------------------------------------------
+# eval.py and the larger corpora's prepare scripts
+
+EVAL = runpy.run_path(os.path.join(ROOT, 'eval.py'))    # its functions; main() does not run
+
+
+def run_stdout(script, *args):
+    """Run `python script args...` from the repo root; return its stdout."""
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=SCRIPT_ENV)
+    assert proc.returncode == 0, f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def eval_table(stdout):
+    """{row label: [loss or None, ...]} and the lengths, from eval.py's markdown table."""
+    lines = [line for line in stdout.splitlines() if line.startswith('| ')]
+    lengths = [int(c) for c in lines[0].strip('| ').split(' | ')[1:]]
+    rows = {}
+    for line in lines[1:]:
+        label, *cells = line.strip('| ').split(' | ')
+        rows[label] = [None if c == '-' else float(c) for c in cells]
+    return lengths, rows
+
+
+@pytest.fixture(scope='module')
+def eval_checkpoint(tmp_path_factory):
+    """The out_dir of a tiny sigmoid SWAT trained for 10 steps on Shakespeare (window 16)."""
+    if not all(os.path.exists(os.path.join(DATA, f'{s}.bin')) for s in ('train', 'val')):
+        run_stdout(os.path.join('data', 'shakespeare', 'prepare.py'))
+    out = tmp_path_factory.mktemp('tiny')
+    run_stdout('train.py', '--device=cpu', '--compile=False', '--dtype=float32', '--n_layer=2',
+        '--n_head=2', '--n_embd=32', '--block_size=64', '--window=16', '--batch_size=4',
+        '--max_iters=10', '--eval_iters=2', '--eval_interval=5', f'--out_dir={out}')
+    return out
+
+
+EVAL_ARGS = ['--device=cpu', '--dtype=float32', "--plot=", '--max_tokens_per_length=1024']
+
+
+def test_eval_prints_a_finite_table(eval_checkpoint):
+    out = run_stdout('eval.py', f'--checkpoints={eval_checkpoint},{eval_checkpoint}:window=-1',
+              '--lengths=64,256,1024,65536', *EVAL_ARGS)
+    lengths, rows = eval_table(out)
+    assert lengths == [64, 256, 1024, 65536]
+    name = os.path.basename(eval_checkpoint)
+    assert list(rows) == [f'{name} (sigmoid, alibi balanced, rope, w=16)',
+                          f'{name} (sigmoid, alibi balanced, rope, w=full (trained 16))']
+    for losses in rows.values():
+        # a 10-step model is close to uniform over the vocabulary: ln(50304) = 10.83
+        assert all(math.isfinite(x) and 0 < x < 12 for x in losses[:3])
+        assert losses[3] is None                # longer than every held-out play: skipped
+    assert 'L=65536: skipped' in out
+
+
+def test_eval_sink_tokens_on_a_softmax_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    config = SWATConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, window=8, attn='softmax')
+    torch.save({'model_args': asdict(config), 'model': SWAT(config).state_dict()},
+               os.path.join(tmp_path, 'ckpt.pt'))
+    # --sink_tokens applies to every checkpoint; `:sinks=0` turns it off for one of them
+    out = run_stdout('eval.py', f'--checkpoints={tmp_path},{tmp_path}:sinks=0', '--sink_tokens=2',
+              '--lengths=8,64,512', *EVAL_ARGS)
+    _, rows = eval_table(out)
+    label = f'{os.path.basename(tmp_path)} (softmax, alibi balanced, rope, w=8)'
+    assert list(rows) == [label + ' +2 sinks', label]
+    with_sinks, without = rows.values()
+    assert all(math.isfinite(x) for x in with_sinks + without)
+    # up to w tokens nothing has left the window yet, so the sinks change nothing
+    assert with_sinks[0] == without[0]
+
+
+def test_checkpoint_options():
+    parse = EVAL['parse_checkpoint']
+    assert parse('out-swa', 0, 0) == ('out-swa', 0, 0)
+    assert parse('out-swa:sinks=4', 0, 0) == ('out-swa', 0, 4)
+    assert parse('out/ckpt.pt:window=-1:sinks=0', 0, 2) == ('out/ckpt.pt', -1, 0)
+    for bad in ('out:sink=4', 'out:sinks=four', 'out:sinks'):
+        with pytest.raises(SystemExit, match='bad option'):
+            parse(bad, 0, 0)
+
+
+def test_stretches_stay_inside_documents():
+    # three documents of 10, 3 and 25 tokens, each followed by EOT (the last one is not)
+    docs_lengths = [10, 3, 25]
+    tokens = np.concatenate([np.r_[np.arange(1, n + 1), EOT] for n in docs_lengths])[:-1]
+    docs = EVAL['documents'](tokens.astype(np.uint16))
+    assert [e - s for s, e in docs] == docs_lengths
+    for L in (1, 4, 9, 24):
+        starts = EVAL['stretch_starts'](docs, L, max_tokens=0)        # all of them
+        # each document of n tokens holds floor((n - 1) / L) stretches of L + 1 tokens, end to end
+        assert len(starts) == sum((n - 1) // L for n in docs_lengths)
+        for s in starts:
+            assert EOT not in tokens[s:s + L + 1] and s + L + 1 <= len(tokens)
+    assert EVAL['stretch_starts'](docs, 25, max_tokens=0) == []          # no document is long enough
+    # with a budget, the stretches spread over all documents, first and last included
+    starts = EVAL['stretch_starts'](docs, 2, max_tokens=8)
+    all_starts = EVAL['stretch_starts'](docs, 2, max_tokens=0)
+    assert len(starts) == 4 and starts[0] == all_starts[0] and starts[-1] == all_starts[-1]
+
+
+def tiny_eval_model(**changes):
+    settings = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, window=8, vocab_size=101)
+    settings.update(changes)
+    return SWATConfig(**settings)
+
+
+@pytest.mark.parametrize('attn', ['sigmoid', 'softmax'])
+def test_stretch_loss_is_the_full_forward_up_to_the_window(attn, monkeypatch):
+    """T <= w: the window hides nothing, so eval's loss (windowed model, also through the
+    KV-cache path with sinks) is the loss of a model with the same weights and no window."""
+    monkeypatch.setattr(kernel, 'INTERPRET', False)    # on a CPU, the reference: much faster
+    torch.manual_seed(0)
+    w, T = 16, 16
+    model = SWAT(tiny_eval_model(attn=attn, window=w)).to(DEVICE).eval()
+    full = SWAT(tiny_eval_model(attn=attn, window=1024)).to(DEVICE).eval()
+    full.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 101, (3, T + 1), device=DEVICE)
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    with torch.no_grad():
+        _, expected = full(x, y)
+    for sinks in (0, 3):
+        assert abs(EVAL['stretch_loss'](model, x, y, sinks) - expected.item()) < 1e-5
+
+
+@pytest.mark.parametrize('attn, alibi, rope', [('sigmoid', 'balanced', True),
+                                               ('sigmoid', 'none', False),
+                                               ('softmax', 'balanced', True),
+                                               ('softmax', 'none', True)])
+def test_stretch_loss_matches_full_attention_on_the_last_w_tokens(attn, alibi, rope, monkeypatch):
+    """T > w, one layer. A one-layer windowed model predicts token t+1 from exactly the tokens
+    t-w+1 .. t, and RoPE and ALiBi depend only on distances. So a model with the same weights and
+    NO window (full causal attention: another code path, and for softmax without ALiBi PyTorch's
+    fused SDPA), fed just those w tokens, must give the same prediction. Scoring every position
+    that way, one short forward per position, is the naive O(T * w) evaluation; eval's single
+    windowed forward over the whole stretch must agree with it."""
+    monkeypatch.setattr(kernel, 'INTERPRET', False)
+    torch.manual_seed(0)
+    w, T = 8, 40
+    model = SWAT(tiny_eval_model(n_layer=1, attn=attn, alibi=alibi, rope=rope, window=w)).to(DEVICE).eval()
+    full = SWAT(tiny_eval_model(n_layer=1, attn=attn, alibi=alibi, rope=rope, window=1024)).to(DEVICE).eval()
+    full.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 101, (2, T + 1), device=DEVICE)
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    with torch.no_grad():
+        losses = []
+        for t in range(T):
+            logits, _ = full(x[:, max(0, t - w + 1):t + 1])       # (B, 1, V): the last position
+            losses.append(F.cross_entropy(logits[:, -1], y[:, t], reduction='none'))
+        naive = torch.stack(losses).mean().item()
+        _, unwindowed = full(x, y)                                 # sanity: the window matters
+    assert abs(EVAL['stretch_loss'](model, x, y) - naive) < 1e-5
+    assert abs(unwindowed.item() - naive) > 1e-4
+
+
+def test_plot(tmp_path):
+    pytest.importorskip('matplotlib')
+    path = tmp_path / 'eval.png'
+    EVAL['plot_losses'](str(path), ['a', 'b'], [64, 256, 1024], [[5.0, 4.5, None], [5.0, 6.0, 7.0]],
+                        [64, 64], 'test')
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+# -----------------------------------------------------------------------------
+# the prepare scripts, on their shipped samples
+
+def sample_rows(folder):
+    with open(os.path.join(ROOT, 'data', folder, 'sample.jsonl'), encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_bins(out_dir):
+    return [np.fromfile(os.path.join(out_dir, f'{s}.bin'), dtype=np.uint16) for s in ('train', 'val')]
+
+
+def test_prepare_pg19_sample(tmp_path):
+    module = runpy.run_path(os.path.join(ROOT, 'data', 'pg19', 'prepare.py'))
+    sample = os.path.join(ROOT, 'data', 'pg19', 'sample.jsonl')
+    counts = module['prepare'](str(tmp_path), sample)
+    train, val = read_bins(tmp_path)
+    enc = gpt2_tokenizer()
+    rows = sample_rows('pg19')
+    # each book whole, followed by EOT, in the split the file gives it
+    expected = {'train': [], 'val': []}
+    for row in rows:
+        split = 'val' if row['split'] == 'validation' else 'train'
+        expected[split] += enc.encode_ordinary(row['text']) + [EOT]
+    assert train.tolist() == expected['train'] and val.tolist() == expected['val']
+    assert counts == {'train': (4, len(train)), 'val': (2, len(val))}
+    assert (val == EOT).sum() == 2 and (train == EOT).sum() == 4
+    assert not any(p.name.endswith('.tmp') for p in tmp_path.iterdir())
+    # --max_docs caps each split; the command line writes where --out_dir says
+    run_stdout(os.path.join('data', 'pg19', 'prepare.py'), f'--sample={sample}', '--max_docs=1',
+        f'--out_dir={tmp_path}')
+    train, val = read_bins(tmp_path)
+    assert (train == EOT).sum() == 1 and (val == EOT).sum() == 1
+
+
+def test_prepare_openwebtext_sample(tmp_path):
+    module = runpy.run_path(os.path.join(ROOT, 'data', 'openwebtext', 'prepare.py'))
+    sample = os.path.join(ROOT, 'data', 'openwebtext', 'sample.jsonl')
+    counts = module['prepare'](str(tmp_path), sample)
+    train, val = read_bins(tmp_path)
+    enc = gpt2_tokenizer()
+    docs = [enc.encode_ordinary(row['text']) + [EOT] for row in sample_rows('openwebtext')]
+    # every VAL_EVERY-th document, starting with the first, is validation; here just the first
+    assert val.tolist() == docs[0]
+    assert train.tolist() == [t for d in docs[1:] for t in d]
+    assert counts == {'train': (len(docs) - 1, len(train)), 'val': (1, len(val))}
+    assert len(train) + len(val) == sum(len(d) for d in docs)
+    counts = module['prepare'](str(tmp_path), sample, max_docs=3)
+    assert counts['train'][0] + counts['val'][0] == 3

@@ -1,0 +1,124 @@
+"""Download OpenWebText and tokenize it into train.bin and val.bin, next to this script.
+
+    python data/openwebtext/prepare.py                   # everything: 8M documents, ~9B tokens, ~18 GB of bins
+    python data/openwebtext/prepare.py --max_docs=100000 # the first 100k documents
+    python data/openwebtext/prepare.py --sample=data/openwebtext/sample.jsonl   # local, no network
+
+OpenWebText (Gokaslan and Cohen, 2019) is an open re-creation of GPT-2's WebText: the text of
+web pages linked from Reddit posts with at least 3 karma, 8,013,769 documents. Documents are
+short (about 1,100 GPT-2 tokens on average), so it is a corpus for training, not for reading
+one long text; PG-19 (data/pg19) is the one with long documents.
+
+It has only a train split. Like nanoGPT we hold out about 0.05% for validation, as whole
+documents: every 2000th document (the 1st, the 2001st, ...) goes to val.bin, the rest to
+train.bin. The format is nanoGPT's, the same as data/shakespeare: raw uint16 GPT-2 token ids,
+each document followed by <|endoftext|> (50256). The download streams (Hugging Face `datasets`,
+imported only when downloading), so memory stays flat; each bin is written to a .tmp file first
+and renamed at the end, so an interrupted run never leaves a half-written bin behind.
+
+--sample=path reads a JSON-lines file instead: one document per line, {"text": ...}.
+--out_dir writes the bins elsewhere.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# tokenizer.py lives in the repo root, two levels up; make it importable from any cwd.
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from tokenizer import EOT, gpt2_tokenizer  # noqa: E402
+
+HF_DATASET = "Skylion007/openwebtext"
+DOCUMENTS = 8013769                         # for the progress bar
+VAL_EVERY = 2000                            # every 2000th document is validation: ~0.05%
+BATCH = 1024                                # documents tokenized together
+THREADS = os.cpu_count() or 1
+
+
+def texts_from_sample(path):
+    """Yield the "text" of each line of a JSON-lines file."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)["text"]
+
+
+def texts_from_hub(max_docs=0):
+    """Yield the text of every document, streamed."""
+    from datasets import load_dataset      # only here: the sample path needs no download
+
+    documents = load_dataset(HF_DATASET, split="train", streaming=True)
+    total = min(max_docs, DOCUMENTS) if max_docs else DOCUMENTS
+    for row in progress(documents, total, "documents"):
+        yield row["text"]
+
+
+def progress(items, total, desc):
+    """tqdm's progress bar if tqdm is installed, else a line every 1% or so."""
+    try:
+        from tqdm import tqdm
+        return tqdm(items, total=total, desc=desc)
+    except ImportError:
+        def counted():
+            every = max(1, total // 100)
+            for i, item in enumerate(items, 1):
+                yield item
+                if i % every == 0 or i == total:
+                    print(f"{desc}: {i:,} / {total:,}", flush=True)
+        return counted()
+
+
+def batches(items, n, max_items=0):
+    """Lists of n consecutive items (the last one may be shorter); max_items in all (0: all)."""
+    group = []
+    for i, item in enumerate(items):
+        if max_items and i >= max_items:
+            break
+        group.append(item)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def prepare(out_dir=HERE, sample=None, max_docs=0):
+    """Tokenize the documents into out_dir/{train,val}.bin; return {bin: (documents, tokens)}."""
+    enc = gpt2_tokenizer()
+    texts = texts_from_sample(sample) if sample else texts_from_hub(max_docs)
+    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
+    files = {split: open(path + ".tmp", "wb") for split, path in paths.items()}
+    counts = {split: [0, 0] for split in paths}
+    index = 0                                   # of the document, over the whole corpus
+    try:
+        for group in batches(texts, BATCH, max_docs):
+            # tiktoken encodes a batch on several threads at once: many times faster than one by one
+            for ids in enc.encode_ordinary_batch(group, num_threads=THREADS):
+                ids.append(EOT)                 # separates the documents
+                split = "val" if index % VAL_EVERY == 0 else "train"
+                # every GPT-2 id is < 50257 < 2**16: uint16 holds them at half the size of int32
+                np.array(ids, dtype=np.uint16).tofile(files[split])
+                counts[split][0] += 1
+                counts[split][1] += len(ids)
+                index += 1
+    finally:
+        for f in files.values():
+            f.close()
+    for split, path in paths.items():
+        os.replace(path + ".tmp", path)         # all done: put the bins in place
+    for split, (n_docs, n_tokens) in counts.items():
+        print(f"{split}: {n_docs:,} documents, {n_tokens:,} tokens -> {paths[split]}")
+    return {split: tuple(c) for split, c in counts.items()}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sample", help="read this JSON-lines file instead of downloading")
+    parser.add_argument("--max_docs", type=int, default=0, help="at most this many documents (0: all)")
+    parser.add_argument("--out_dir", default=HERE, help="where to write train.bin and val.bin")
+    args = parser.parse_args()
+    prepare(args.out_dir, args.sample, args.max_docs)

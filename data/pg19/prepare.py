@@ -1,0 +1,131 @@
+"""Download PG-19 and tokenize it into train.bin and val.bin, next to this script.
+
+    python data/pg19/prepare.py                      # everything: 28,602 + 50 books, ~2 GB download
+    python data/pg19/prepare.py --max_docs=500       # the first 500 books of each split
+    python data/pg19/prepare.py --sample=data/pg19/sample.jsonl   # a local file, no network
+
+PG-19 (Rae et al. 2019) is 28,752 English books from Project Gutenberg published before 1919,
+kept whole: on average 69k words, about 90k GPT-2 tokens a book, which is what long-context
+evaluation needs. Books are never cut or mixed: train.bin holds the train split, val.bin the
+dataset's own validation split (50 books that appear nowhere in train). The test split (100
+books) is left alone.
+
+The format is nanoGPT's, the same as data/shakespeare: raw uint16 GPT-2 token ids, each book
+followed by <|endoftext|> (50256). The download streams (Hugging Face `datasets`, imported only
+when downloading), so memory stays flat; each bin is written to a .tmp file first and renamed at
+the end, so an interrupted run never leaves a half-written bin for train.py to pick up.
+
+--sample=path reads a JSON-lines file instead: one book per line, {"text": ..., "split": ...}
+with split "train" (the default) or "validation". --out_dir writes the bins elsewhere.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# tokenizer.py lives in the repo root, two levels up; make it importable from any cwd.
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from tokenizer import EOT, gpt2_tokenizer  # noqa: E402
+
+# deepmind/pg19 is a loading script that downloads from Google Cloud Storage, and `datasets` >= 4
+# no longer runs loading scripts; emozilla/pg19 holds the same books and splits as parquet files.
+HF_DATASET = "emozilla/pg19"
+SPLITS = {"train": "train", "validation": "val"}        # dataset split -> our bin
+BOOKS = {"train": 28602, "validation": 50}              # for the progress bar
+BATCH = 64                                              # books tokenized together
+THREADS = os.cpu_count() or 1
+
+
+def books_from_sample(path, max_docs=0):
+    """Yield (bin, text) for each line of a JSON-lines file, at most max_docs per split."""
+    seen = {"train": 0, "val": 0}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            split = SPLITS[row.get("split", "train")]
+            if max_docs and seen[split] >= max_docs:
+                continue
+            seen[split] += 1
+            yield split, row["text"]
+
+
+def books_from_hub(max_docs=0):
+    """Yield (bin, text) for every book of the train and validation splits, streamed."""
+    from datasets import load_dataset          # only here: the sample path needs no download
+
+    for hf_split, split in SPLITS.items():
+        books = load_dataset(HF_DATASET, split=hf_split, streaming=True)
+        total = min(max_docs, BOOKS[hf_split]) if max_docs else BOOKS[hf_split]
+        for i, row in enumerate(progress(books, total, f"{hf_split} books")):
+            if max_docs and i >= max_docs:
+                break
+            yield split, row["text"]
+
+
+def progress(items, total, desc):
+    """tqdm's progress bar if tqdm is installed, else a line every 1% or so."""
+    try:
+        from tqdm import tqdm
+        return tqdm(items, total=total, desc=desc)
+    except ImportError:
+        def counted():
+            every = max(1, total // 100)
+            for i, item in enumerate(items, 1):
+                yield item
+                if i % every == 0 or i == total:
+                    print(f"{desc}: {i:,} / {total:,}", flush=True)
+        return counted()
+
+
+def batches(items, n):
+    """Lists of n consecutive items (the last one may be shorter)."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def prepare(out_dir=HERE, sample=None, max_docs=0):
+    """Tokenize the books into out_dir/{train,val}.bin; return {bin: (books, tokens)}."""
+    enc = gpt2_tokenizer()
+    books = books_from_sample(sample, max_docs) if sample else books_from_hub(max_docs)
+    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
+    files = {split: open(path + ".tmp", "wb") for split, path in paths.items()}
+    counts = {split: [0, 0] for split in paths}
+    try:
+        for group in batches(books, BATCH):
+            # tiktoken encodes a batch on several threads at once: many times faster than one by one
+            encoded = enc.encode_ordinary_batch([text for _, text in group], num_threads=THREADS)
+            for (split, _), ids in zip(group, encoded):
+                ids.append(EOT)                # separates the books
+                # every GPT-2 id is < 50257 < 2**16: uint16 holds them at half the size of int32
+                np.array(ids, dtype=np.uint16).tofile(files[split])
+                counts[split][0] += 1
+                counts[split][1] += len(ids)
+    finally:
+        for f in files.values():
+            f.close()
+    for split, path in paths.items():
+        os.replace(path + ".tmp", path)       # all done: put the bins in place
+    for split, (n_books, n_tokens) in counts.items():
+        print(f"{split}: {n_books:,} books, {n_tokens:,} tokens -> {paths[split]}")
+    return {split: tuple(c) for split, c in counts.items()}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sample", help="read this JSON-lines file instead of downloading")
+    parser.add_argument("--max_docs", type=int, default=0, help="at most this many books per split (0: all)")
+    parser.add_argument("--out_dir", default=HERE, help="where to write train.bin and val.bin")
+    args = parser.parse_args()
+    prepare(args.out_dir, args.sample, args.max_docs)

@@ -1,0 +1,273 @@
+"""
+Long-context evaluation: the validation loss of trained models on texts far longer than the
+sequences they were trained on.
+
+The README's comparison (train the presets first; each writes its own out_dir):
+
+    python eval.py --checkpoints=out-vanilla,out-swa,out-swa:sinks=4,out-swat,out-swat-negative,out-swat-nonalibi,out-swat-norope
+
+`out-swa:sinks=4` is model 2 once more, read with 4 attention sinks (StreamingLLM). A checkpoint
+is an out_dir (or a path to its ckpt.pt), optionally followed by `:sinks=K` and/or `:window=W`,
+which override --sink_tokens and --window for that checkpoint alone.
+
+For each checkpoint and each evaluation length L this reads stretches of L + 1 consecutive
+tokens from the held-out documents of data/<dataset>/val.bin (documents end with the
+<|endoftext|> token; a stretch never crosses one), runs the model over each stretch in ONE
+forward, and reports the mean cross-entropy in nats per token over all L positions of the
+stretch: early positions see little context, late ones up to L - 1 tokens. A length longer than
+every document is skipped and shown as '-'. --max_tokens_per_length caps the tokens scored per
+length: max_tokens_per_length / L stretches, spread evenly over all documents (on Shakespeare,
+L = 32768 reads the first 32769 tokens of the two plays that long). It prints a markdown table (rows = checkpoints,
+columns = lengths) and plots loss against length into the PNG file --plot ('' for none).
+
+The window. --window=0 (default) reads each model with the window it was trained with; a model
+trained with window >= block_size never had a window (vanilla attention), so it reads with full
+causal attention. --window=W reads with W instead, --window=-1 with full attention. The weights
+do not depend on the window, so this only rebuilds the model around the same weights.
+
+Memory. A windowed model runs through its normal forward, in O(L * w): the fused kernel on a
+GPU, the chunked einsum reference on a CPU, chunked SDPA for softmax. With sinks it reads through
+the KV-cache path, w tokens at a time. Neither ever builds an L x L matrix. What does grow with L
+is the logits, B x L x 50304 values: --max_batch_tokens caps the tokens of one forward.
+
+    python eval.py --checkpoints=out --lengths=128,512,2048 --device=cpu --plot=''
+"""
+
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from configurator import apply_overrides
+from swat import SWAT, KVCache, SWATConfig
+from tokenizer import EOT
+
+# -----------------------------------------------------------------------------
+checkpoints = 'out'         # comma-separated out_dirs or ckpt.pt paths, each maybe :sinks=K:window=W
+dataset = 'shakespeare'     # reads data/<dataset>/val.bin
+lengths = '128,512,2048,8192,32768'  # evaluation lengths, comma-separated
+window = 0                  # 0: each model's own window; W > 0: window W; -1: full attention
+sink_tokens = 0             # keep the first k tokens of each stretch in view (softmax baseline)
+max_tokens_per_length = 65536  # tokens scored per length, spread over the documents; 0: all
+batch_size = 8              # stretches per forward at most ...
+max_batch_tokens = 16384    # ... and at most this many tokens per forward (one stretch at least)
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+plot = 'eval.png'           # where to write the plot; '' for no plot
+config_keys = ['checkpoints', 'dataset', 'lengths', 'window', 'sink_tokens', 'max_tokens_per_length',
+               'batch_size', 'max_batch_tokens', 'device', 'dtype', 'plot']
+# -----------------------------------------------------------------------------
+FULL = -1                   # the window value that means full causal attention
+
+
+def parse_checkpoint(spec, default_window, default_sinks):
+    """'out-swa:sinks=4' -> ('out-swa', window, sinks): the path and its evaluation settings."""
+    path, *options = spec.split(':')
+    settings = {'window': default_window, 'sinks': default_sinks}
+    for option in options:
+        key, _, value = option.partition('=')
+        if key not in settings or not value.lstrip('-').isdigit():
+            raise SystemExit(f"checkpoint {spec!r}: bad option {option!r}; expected "
+                             f"sinks=K or window=W after the path, e.g. out-swa:sinks=4")
+        settings[key] = int(value)
+    return path, settings['window'], settings['sinks']
+
+
+def load_model(path, eval_window, full_window, device):
+    """The model saved at path (an out_dir or a ckpt.pt), rebuilt to read with eval_window
+    (0: its own, -1: full). Full attention is a window of full_window >= every length read.
+    Returns the model (in eval mode) and its label for the table."""
+    ckpt_path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"no checkpoint at {ckpt_path}: train one with train.py first")
+    checkpoint = torch.load(ckpt_path, map_location=device)
+    args = dict(checkpoint['model_args'])
+    trained = args['window']
+    if eval_window == 0:
+        # a model trained with window >= block_size saw full causal attention in training
+        eval_window = FULL if trained >= args['block_size'] else trained
+    args['window'] = full_window if eval_window == FULL else eval_window
+    model = SWAT(SWATConfig(**args))
+    model.load_state_dict(checkpoint['model'])    # the weights do not depend on the window
+    model.eval().to(device)
+
+    # label: the out_dir's name and what kind of model it is
+    name = os.path.basename(os.path.normpath(os.path.dirname(ckpt_path) or '.'))
+    w = 'full' if eval_window == FULL else f"{eval_window}"
+    if eval_window != trained and not (eval_window == FULL and trained >= args['block_size']):
+        w += f" (trained {trained})"
+    rope = 'rope' if args['rope'] else 'no rope'
+    label = f"{name} ({args['attn']}, alibi {args['alibi']}, {rope}, w={w})"
+    return model, label
+
+
+# -----------------------------------------------------------------------------
+# the stretches of text
+
+def documents(tokens):
+    """[(start, end), ...]: the documents of a token array, without their <|endoftext|>."""
+    ends = np.flatnonzero(tokens == EOT).tolist()
+    if not ends or ends[-1] != len(tokens) - 1:
+        ends.append(len(tokens))                  # a last document with no EOT after it
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    return [(s, e) for s, e in zip(starts, ends) if e > s]
+
+
+def stretch_starts(docs, L, max_tokens):
+    """Where the stretches of length L start: L + 1 tokens each (L inputs, L targets), laid end
+    to end inside each document, never across two. When there are more than max_tokens / L of
+    them (max_tokens > 0), take that many spread evenly over all documents, so that every length
+    samples all of the validation text rather than its first document. [] if no document has
+    L + 1 tokens."""
+    candidates = [s for start, end in docs for s in range(start, end - L, L)]
+    n = len(candidates) if max_tokens <= 0 else min(len(candidates), max(1, max_tokens // L))
+    if n == 0:
+        return []
+    picks = np.linspace(0, len(candidates) - 1, n).round().astype(int)
+    return [candidates[i] for i in picks]
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+@torch.no_grad()
+def stretch_loss(model, x, y, sink_tokens=0):
+    """Mean cross-entropy (nats/token) of the targets y (B, L) given the inputs x (B, L), all
+    positions, each row read in one pass. With sink_tokens > 0 the rows go through the KV-cache
+    path (w tokens at a time; the first sink_tokens tokens stay in view); without, through the
+    model's normal forward, which is O(L * w) for a windowed model."""
+    caches = None
+    if sink_tokens > 0:
+        caches = [KVCache(model.config.window, sink_tokens) for _ in model.transformer.h]
+    _, loss = model(x, y, caches=caches)
+    return loss.item()
+
+
+def evaluate(model, tokens, starts, L, sink_tokens, rows, device, ctx):
+    """Mean loss over the stretches of length L that start at `starts`, `rows` per forward."""
+    total = 0.0
+    for i in range(0, len(starts), rows):
+        batch = np.stack([tokens[s:s + L + 1].astype(np.int64) for s in starts[i:i + rows]])
+        batch = torch.from_numpy(batch).to(device)
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()   # y: x shifted by one
+        with ctx:
+            loss = stretch_loss(model, x, y, sink_tokens)
+        total += loss * len(batch)                  # every row has L targets: weight by rows
+    return total / len(starts)
+
+
+# -----------------------------------------------------------------------------
+# the output
+
+def format_table(labels, lengths, results):
+    """A markdown table: one row per checkpoint, one column per length; '-' where skipped."""
+    lines = ['| model | ' + ' | '.join(str(L) for L in lengths) + ' |',
+             '|---|' + '---|' * len(lengths)]
+    for label, losses in zip(labels, results):
+        cells = ['-' if loss is None else f'{loss:.3f}' for loss in losses]
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def plot_losses(path, labels, lengths, results, training_lengths, title):
+    """Loss against evaluation length, log2 x axis, one line per checkpoint."""
+    import matplotlib                             # only here: nothing else needs it
+    matplotlib.use('Agg')                         # write a file, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, losses in zip(labels, results):
+        points = [(L, loss) for L, loss in zip(lengths, losses) if loss is not None]
+        if points:
+            ax.plot(*zip(*points), marker='o', label=label)
+    for L in sorted(set(training_lengths)):
+        ax.axvline(L, color='gray', linestyle=':', linewidth=1)
+    ax.set_xscale('log', base=2)
+    ax.ticklabel_format(axis='y', useOffset=False)
+    ax.set_xticks(lengths, [str(L) for L in lengths])
+    ax.set_xlabel('evaluation length (tokens); dotted: training length')
+    ax.set_ylabel('validation loss (nats/token)')
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def main():
+    apply_overrides(globals(), config_keys)     # --key=value from the command line
+
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise SystemExit(f"dtype={dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
+    try:
+        eval_lengths = [int(L) for L in lengths.split(',')]
+    except ValueError:
+        raise SystemExit(f"lengths={lengths!r}: expected comma-separated integers like 128,512")
+    if not eval_lengths or min(eval_lengths) < 1:
+        raise SystemExit(f"lengths={lengths!r}: every length must be at least 1")
+    specs = [spec for spec in checkpoints.split(',') if spec]
+    if not specs:
+        raise SystemExit("checkpoints='': name at least one out_dir or ckpt.pt")
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    device_type = 'cuda' if 'cuda' in device else 'cpu'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type,
+                                                                      dtype=ptdtype)
+
+    val_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset, 'val.bin')
+    if not os.path.exists(val_path):
+        raise SystemExit(f"no {val_path}: run data/{dataset}/prepare.py first")
+    tokens = np.memmap(val_path, dtype=np.uint16, mode='r')
+    docs = documents(tokens)
+    starts = {L: stretch_starts(docs, L, max_tokens_per_length) for L in eval_lengths}
+    print(f"{dataset} val: {len(tokens):,} tokens in {len(docs)} documents, the longest "
+          f"{max(e - s for s, e in docs):,} tokens")
+
+    # Load every model before evaluating any, so that a bad checkpoint or setting fails at once,
+    # not after an hour of evaluation. (The models here are small: all of them fit together.)
+    models = []
+    for spec in specs:
+        path, w, sinks = parse_checkpoint(spec, window, sink_tokens)
+        if w < -1 or sinks < 0:
+            raise SystemExit(f"{spec}: the window must be >= -1 and sinks >= 0")
+        model, label = load_model(path, w, max(eval_lengths), device)
+        if sinks > 0 and model.config.window >= max(eval_lengths):
+            raise SystemExit(f"{spec}: sink tokens need a window shorter than the text; this model "
+                             f"reads with full attention, which sees the first tokens anyway")
+        models.append((model, label + (f" +{sinks} sinks" if sinks else ''), sinks))
+
+    labels, results = [label for _, label, _ in models], []
+    for model, label, sinks in models:
+        losses = []
+        for L in eval_lengths:
+            if not starts[L]:
+                print(f"{label}  L={L}: skipped, no document has {L + 1} tokens")
+                losses.append(None)
+                continue
+            t0 = time.time()
+            rows = max(1, min(batch_size, max_batch_tokens // L))
+            loss = evaluate(model, tokens, starts[L], L, sinks, rows, device, ctx)
+            if not math.isfinite(loss):
+                print(f"warning: {label} at L={L} has a non-finite loss {loss}")
+            print(f"{label}  L={L}: {loss:.4f} nats/token over {len(starts[L]) * L:,} tokens "
+                  f"({len(starts[L])} stretches) in {time.time() - t0:.1f} s")
+            losses.append(loss)
+        results.append(losses)
+
+    print()
+    print(format_table(labels, eval_lengths, results))
+    if plot:
+        training_lengths = [model.config.block_size for model, _, _ in models]
+        plot_losses(plot, labels, eval_lengths, results, training_lengths,
+                    f"{dataset}: validation loss against evaluation length")
+        print(f"plot written to {plot}")
+
+
+if __name__ == '__main__':
+    main()
