@@ -294,6 +294,25 @@ class SWAT(nn.Module):
         """How far back the last token can see through all layers: 1 + (w - 1) * n_layer."""
         return 1 + (self.config.window - 1) * self.config.n_layer
 
+    def flops_per_token(self, T=None):
+        """Training FLOPs (forward + backward) per token on sequences of T tokens (default:
+        block_size): the numerator of the model FLOPs utilisation (MFU).
+
+        Weights: each takes part in one multiply-add (2 FLOPs) per token forward and two
+        backward (the gradients of the input and of the weight): 6 FLOPs per parameter, as in
+        nanoGPT. The tied embedding counts once, for the output layer; the lookup is free.
+        Attention: per layer, head and visible key, q.k and p.v cost 4 * D FLOPs forward, 12 * D
+        with the backward. The query at position m sees min(m + 1, w) keys, so the count grows
+        with T * w, not T^2 (and a full causal model is counted as causal: T(T+1)/2 pairs).
+        Work an implementation redoes (the sigmoid kernel recomputes q.k in its backward) is not
+        counted: MFU measures the model's FLOPs, not the kernel's."""
+        cfg = self.config
+        T = cfg.block_size if T is None else T
+        w = min(cfg.window, T)
+        keys_per_query = (w * (w + 1) // 2 + (T - w) * w) / T    # sum over m of min(m + 1, w), / T
+        attention = 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * keys_per_query
+        return 6 * self.get_num_params() + attention
+
     def forward(self, idx, targets=None, caches=None):
         """Logits (and the loss, given targets) for the tokens idx (B, T).
 

@@ -13,6 +13,7 @@ import os
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -600,6 +601,233 @@ def test_generate_appends_tokens():
     assert long.shape == (1, 70)
     logits, loss = model(long)
     assert logits.shape == (1, 1, 50304) and loss is None
+
+
+# -----------------------------------------------------------------------------
+# train.py at full strength: resume, DDP, faults, FLOPs
+
+def load_ckpt(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu')
+
+
+def file_hash(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def assert_same_weights(a, b, rtol=0.0, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=rtol, atol=atol), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_resume_equals_an_uninterrupted_run(shakespeare, tmp_path, dropout):
+    """6 steps in one go == 3 steps, stop, resume, 3 steps: bit for bit (same batches, same
+    optimizer state, same dropout masks)."""
+    args = [*TINY, f'--dropout={dropout}', '--eval_interval=3', '--always_save_checkpoint=True',
+            '--warmup_iters=2', '--lr_decay_iters=6', '--learning_rate=1e-2',
+            '--gradient_accumulation_steps=2']
+    whole, half = tmp_path / 'whole', tmp_path / 'half'
+    run('train.py', *args, f'--out_dir={whole}', '--max_iters=6')
+    run('train.py', *args, f'--out_dir={half}', '--max_iters=3')
+    assert load_ckpt(half)['iter_num'] == 3
+    proc = run('train.py', *args, f'--out_dir={half}', '--max_iters=6', '--init_from=resume')
+    assert 'continuing from iter 3' in proc.stdout and 'no random state' not in proc.stdout
+    assert 'evaluating: 2 batches of train and val' in proc.stdout
+    a, b = load_ckpt(whole), load_ckpt(half)
+    assert a['iter_num'] == b['iter_num'] == 6
+    assert_same_weights(a['model'], b['model'])
+    assert a['best_val_loss'] == b['best_val_loss']
+    assert a['rng_states'][0]['torch'].equal(b['rng_states'][0]['torch'])
+
+
+def torchrun(*args, nproc=2):
+    """Run train.py under torchrun with nproc processes on the CPU."""
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                           f'--nproc_per_node={nproc}', 'train.py', *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**SCRIPT_ENV, 'OMP_NUM_THREADS': '1'})
+
+
+def test_ddp_two_processes_equal_one(shakespeare, tmp_path):
+    """2 processes of 1 micro-batch each == 1 process of 2 micro-batches (same global batch):
+    the ranks read different micro-batches, and their gradients are averaged."""
+    args = [*TINY, '--max_iters=4', '--eval_interval=2', '--always_save_checkpoint=True',
+            '--gradient_accumulation_steps=2', '--learning_rate=1e-2', '--warmup_iters=1']
+    proc = torchrun(*args, f'--out_dir={tmp_path / "ddp"}', '--backend=gloo')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the master alone logs: one evaluation line per evaluation, one 'done'
+    assert [s for s, _, _ in eval_losses(proc.stdout)] == [0, 2, 4]
+    assert proc.stdout.count('done: final train loss') == 1
+    assert '2 process(es) x 1 micro-batch(es)' in proc.stdout
+    digests = re.search(r'final weights, sha256 per rank: (\w+) (\w+)', proc.stdout)
+    assert digests and digests[1] == digests[2], proc.stdout   # identical weights on both ranks
+
+    single = run('train.py', *args, f'--out_dir={tmp_path / "single"}')
+    a, b = load_ckpt(tmp_path / 'ddp'), load_ckpt(tmp_path / 'single')
+    assert a['iter_num'] == b['iter_num'] == 4 and len(a['rng_states']) == 2
+    assert_same_weights(a['model'], b['model'], rtol=1e-5, atol=1e-7)
+    for (_, t1, v1), (_, t2, v2) in zip(eval_losses(proc.stdout), eval_losses(single.stdout)):
+        assert t1 == pytest.approx(t2, abs=2e-4) and v1 == pytest.approx(v2, abs=2e-4)
+
+    # the total micro-batches must split evenly among the processes
+    proc = torchrun(*TINY, '--gradient_accumulation_steps=3', f'--out_dir={tmp_path / "bad"}')
+    assert proc.returncode != 0
+    assert 'gradient_accumulation_steps=3 must be divisible by the number of processes (2)' \
+        in proc.stderr
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_resume_works(shakespeare, tmp_path, signum):
+    out = tmp_path / 'out'
+    proc = subprocess.Popen([sys.executable, 'train.py', *TINY, f'--out_dir={out}',
+                             '--max_iters=100000', '--eval_interval=100000', '--log_interval=1'],
+                            cwd=ROOT, env=SCRIPT_ENV, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    lines = []
+    try:
+        for line in proc.stdout:            # train.py logs line by line, even into a pipe
+            lines.append(line)
+            if line.startswith('iter 3:'):
+                proc.send_signal(signum)
+                break
+        stdout = ''.join(lines) + proc.stdout.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, stdout
+    stopped = re.search(r'stopped at iter (\d+) by (\w+): .*--init_from=resume', stdout)
+    assert stopped and stopped[2] == signal.Signals(signum).name, stdout
+    assert 'Traceback' not in stdout
+    stop_iter = int(stopped[1])
+    assert stop_iter >= 3
+    assert load_ckpt(out)['iter_num'] == stop_iter      # saved although the val loss was not
+    assert not os.path.exists(out / 'ckpt.pt.tmp')
+
+    proc = run('train.py', *TINY, f'--out_dir={out}', '--init_from=resume',
+               f'--max_iters={stop_iter + 2}', '--eval_interval=100000')
+    assert f'continuing from iter {stop_iter}' in proc.stdout
+    assert load_ckpt(out)['iter_num'] == stop_iter + 2
+    # and the interrupted run ends as one that was never stopped
+    whole = tmp_path / 'whole'
+    run('train.py', *TINY, f'--out_dir={whole}', f'--max_iters={stop_iter + 2}',
+        '--eval_interval=100000', '--always_save_checkpoint=True')
+    assert_same_weights(load_ckpt(out)['model'], load_ckpt(whole)['model'])
+
+
+def test_sigterm_to_torchrun_saves_a_checkpoint(shakespeare, tmp_path):
+    """torchrun passes SIGTERM on to its workers: they agree on the step, save, and stop."""
+    out = tmp_path / 'out'
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                             '--nproc_per_node=2', 'train.py', *TINY, f'--out_dir={out}',
+                             '--gradient_accumulation_steps=2', '--max_iters=100000',
+                             '--eval_interval=100000', '--log_interval=1'],
+                            cwd=ROOT, env={**SCRIPT_ENV, 'OMP_NUM_THREADS': '1'}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith('iter 3:'):
+                proc.send_signal(signal.SIGTERM)
+                break
+        stdout = ''.join(lines) + proc.stdout.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    stopped = re.search(r'stopped at iter (\d+) by SIGTERM', stdout)
+    assert stopped and stdout.count('stopped at iter') == 1, stdout
+    ckpt = load_ckpt(out)
+    assert ckpt['iter_num'] == int(stopped[1]) and len(ckpt['rng_states']) == 2
+
+
+def test_nan_loss_stops_and_keeps_the_good_checkpoint(shakespeare, tmp_path):
+    run('train.py', *TINY, f'--out_dir={tmp_path}', '--max_iters=2', '--eval_interval=2')
+    ckpt = tmp_path / 'ckpt.pt'
+    before = file_hash(ckpt), os.path.getmtime(ckpt)
+    # A learning rate of 1e30 without clipping sends the weights to infinity in a few steps.
+    # No evaluation before the end (eval_interval): that would save the state it measures.
+    proc = run('train.py', *TINY, f'--out_dir={tmp_path}', '--init_from=resume',
+               '--max_iters=10', '--eval_interval=100', '--always_save_checkpoint=True',
+               '--learning_rate=1e30', '--grad_clip=0.0', '--warmup_iters=0', check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert re.search(r'the (evaluation )?loss is .*(nan|inf).* at iter \d+: training diverged',
+                     proc.stderr), proc.stderr
+    assert 'learning_rate' in proc.stderr
+    assert (file_hash(ckpt), os.path.getmtime(ckpt)) == before
+    ckpt_data = load_ckpt(tmp_path)
+    assert ckpt_data['iter_num'] == 2
+    assert all(torch.isfinite(t).all() for t in ckpt_data['model'].values())
+
+
+def test_incompatible_checkpoint_is_refused_clearly(shakespeare, tmp_path):
+    good = tmp_path / 'good'
+    run('train.py', *TINY, f'--out_dir={good}', '--max_iters=0')
+    ckpt = load_ckpt(good)
+
+    # weights of another shape than model_args says
+    bad = tmp_path / 'shape'
+    bad.mkdir()
+    tampered = dict(ckpt, model={**ckpt['model'], 'lm_head.weight': torch.zeros(50304, 48)})
+    torch.save(tampered, bad / 'ckpt.pt')
+    proc = run('train.py', *TINY, f'--out_dir={bad}', '--init_from=resume', check=False)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert str(bad / 'ckpt.pt') in proc.stderr and 'do not fit' in proc.stderr
+    assert 'lm_head.weight' in proc.stderr and 'size mismatch' in proc.stderr
+
+    # a parameter missing
+    bad = tmp_path / 'missing'
+    bad.mkdir()
+    weights = dict(ckpt['model'])
+    del weights['transformer.h.1.mlp.c_fc.weight']
+    torch.save(dict(ckpt, model=weights), bad / 'ckpt.pt')
+    proc = run('train.py', *TINY, f'--out_dir={bad}', '--init_from=resume', check=False)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert 'transformer.h.1.mlp.c_fc.weight' in proc.stderr
+
+    # not a checkpoint of train.py at all
+    bad = tmp_path / 'foreign'
+    bad.mkdir()
+    torch.save({'state_dict': ckpt['model']}, bad / 'ckpt.pt')
+    proc = run('train.py', *TINY, f'--out_dir={bad}', '--init_from=resume', check=False)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert str(bad / 'ckpt.pt') in proc.stderr and "lacks ['best_val_loss'" in proc.stderr
+
+    # an unknown model setting
+    bad = tmp_path / 'args'
+    bad.mkdir()
+    torch.save(dict(ckpt, model_args={**ckpt['model_args'], 'n_experts': 8}), bad / 'ckpt.pt')
+    proc = run('train.py', *TINY, f'--out_dir={bad}', '--init_from=resume', check=False)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert 'n_experts' in proc.stderr and str(bad / 'ckpt.pt') in proc.stderr
+
+    # garbage
+    bad = tmp_path / 'garbage'
+    bad.mkdir()
+    (bad / 'ckpt.pt').write_bytes(b'not a checkpoint')
+    proc = run('train.py', *TINY, f'--out_dir={bad}', '--init_from=resume', check=False)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert 'cannot read the checkpoint' in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# the FLOP count behind MFU
+
+def test_flops_per_token_counts_only_the_window():
+    cfg = SWATConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, window=16)
+    model = SWAT(cfg)
+    N, L, H, D = model.get_num_params(), 2, 2, 16
+    for T, w in [(64, 16), (64, 64), (64, 1000), (1, 16), (17, 16), (1000, 7)]:
+        model.config.window = w
+        keys = sum(min(m + 1, w) for m in range(T))      # the in-window (query, key) pairs
+        assert model.flops_per_token(T) == pytest.approx(6 * N + 12 * L * H * D * keys / T)
+    model.config.window = 16
+    assert model.flops_per_token() == model.flops_per_token(64)     # default: block_size
+    # linear, not quadratic, in T once T >> w: the attention part per token stops growing
+    attention = [model.flops_per_token(T) - 6 * N for T in (4096, 8192)]
+    assert attention[1] == pytest.approx(attention[0], rel=1e-2)
 
 
 # -----------------------------------------------------------------------------

@@ -10,12 +10,20 @@ Any setting below can be changed from the command line, for example on a laptop 
 
     python train.py --device=cpu --n_layer=4 --n_head=4 --n_embd=128 --block_size=256 --window=64
 
-Continue from the last checkpoint in out_dir with --init_from=resume.
+On several GPUs of one machine, with distributed data parallel (DDP), start it through torchrun;
+gradient_accumulation_steps is the total over all GPUs and is shared among them:
+
+    torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8
+
+Continue from the last checkpoint in out_dir with --init_from=resume. Ctrl-C (or SIGTERM, as a
+cluster sends before it preempts a job) saves a checkpoint after the current step, then exits.
 """
 
+import hashlib
 import math
 import os
 import runpy
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -23,6 +31,8 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_overrides
 from swat import SWAT, SWATConfig
@@ -38,7 +48,7 @@ always_save_checkpoint = False  # if False, save only when the val loss improves
 init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 # data
 dataset = 'shakespeare'     # reads data/<dataset>/train.bin and val.bin
-gradient_accumulation_steps = 1  # micro-batches per optimizer step
+gradient_accumulation_steps = 1  # micro-batches per optimizer step, in total over all DDP ranks
 batch_size = 16             # sequences per micro-batch
 block_size = 512            # training sequence length: 4 x window, the paper's best ratio
 # model
@@ -61,8 +71,8 @@ grad_clip = 1.0             # clip the gradient norm at this value; 0.0 disables
 warmup_iters = 100
 lr_decay_iters = 2000       # usually = max_iters
 min_lr = 1e-4               # usually ~ learning_rate / 10
-# distributed training (not yet: kept so the option names stay stable)
-backend = 'nccl'
+# distributed training (under torchrun)
+backend = 'nccl'            # 'nccl' for GPUs; with --device=cpu the default becomes 'gloo'
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', 'mps', ...
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
@@ -71,21 +81,52 @@ seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-apply_overrides(globals(), config_keys)     # --key=value from the command line
+overrides = apply_overrides(globals(), config_keys)   # --key=value from the command line
+device_type = 'cuda' if 'cuda' in device else 'cpu'  # autocast and fused AdamW need the kind only
+if device_type == 'cpu' and 'backend' not in overrides:
+    backend = 'gloo'                        # NCCL only moves GPU tensors
 config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint, for the record
 # -----------------------------------------------------------------------------
 
-if init_from not in ('scratch', 'resume'):
-    raise SystemExit(f"init_from={init_from!r}: expected 'scratch' or 'resume'")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    raise SystemExit(f"dtype={dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
+# Distributed data parallel: torchrun starts one process per GPU and tells each its place
+# through environment variables. Every process holds the whole model, trains on its own
+# micro-batches, and the gradients are averaged across processes in the backward pass.
+ddp = 'RANK' in os.environ
+rank = int(os.environ.get('RANK', 0))                # this process among all of them
+local_rank = int(os.environ.get('LOCAL_RANK', 0))    # ... among those of this machine: its GPU
+world_size = int(os.environ.get('WORLD_SIZE', 1))
+master_process = rank == 0                  # the one that logs and writes checkpoints
+log = print if master_process else (lambda *args, **kwargs: None)
+if hasattr(sys.stdout, 'reconfigure'):      # (a notebook's stdout has no such method)
+    sys.stdout.reconfigure(line_buffering=True)  # log lines show at once, even in a file
 
-os.makedirs(out_dir, exist_ok=True)
+
+def fail(message):
+    """Stop with a clear message (printed once, by the master) and exit status 1."""
+    raise SystemExit(message if master_process else 1)
+
+
+if init_from not in ('scratch', 'resume'):
+    fail(f"init_from={init_from!r}: expected 'scratch' or 'resume'")
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype={dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
+if gradient_accumulation_steps % world_size != 0:
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
+         f"number of processes ({world_size}): it counts the micro-batches of one step over all "
+         f"of them, and each takes the same share")
+micro_steps = gradient_accumulation_steps // world_size     # this process's share
+if ddp:
+    if device_type == 'cuda':
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)       # the default GPU of this process
+    dist.init_process_group(backend=backend)
+
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-torch.manual_seed(seed)
+torch.manual_seed(seed + rank)              # the ranks draw different dropout masks
 torch.backends.cuda.matmul.allow_tf32 = True    # TF32 matmuls on Ampere and later: much faster
 torch.backends.cudnn.allow_tf32 = True
-device_type = 'cuda' if 'cuda' in device else 'cpu'  # autocast and fused AdamW need the kind only
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 # Mixed precision: the matmuls run in bfloat16/float16 while the weights stay float32.
 ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type,
@@ -98,8 +139,10 @@ bin_paths = [os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val'
 if not all(os.path.exists(p) for p in bin_paths):
     prepare_script = os.path.join(data_dir, 'prepare.py')
     if not os.path.exists(prepare_script):
-        raise SystemExit(f"dataset {dataset!r}: {bin_paths[0]} and {bin_paths[1]} are missing and "
-                         f"there is no {prepare_script} to make them")
+        fail(f"dataset {dataset!r}: {bin_paths[0]} and {bin_paths[1]} are missing and "
+             f"there is no {prepare_script} to make them")
+    if ddp:                                 # not N processes writing the same files at once
+        fail(f"dataset {dataset!r} is not tokenized yet: run python {prepare_script} first")
     print(f"dataset {dataset!r} is not tokenized yet: running {prepare_script}")
     saved_argv = sys.argv
     sys.argv = [prepare_script]         # the script must not see our --key=value arguments
@@ -108,16 +151,21 @@ if not all(os.path.exists(p) for p in bin_paths):
     finally:
         sys.argv = saved_argv
 
-n_val = len(np.memmap(bin_paths[1], dtype=np.uint16, mode='r'))
-if block_size >= n_val:
-    raise SystemExit(f"block_size={block_size} is too large: the validation split of {dataset!r} "
-                     f"has only {n_val} tokens (a batch needs block_size + 1)")
 
+def get_batch(split, key, micro_step=0, micro_batches=1):
+    """Micro-batch micro_step (batch_size sequences) of the batch called `key` of split.
 
-def get_batch(split):
+    The whole batch, micro_batches * batch_size random windows of the corpus, comes from a
+    generator seeded by (seed, split, key) alone: the same arguments give the same tokens in
+    every run and every process. So a resumed run reads exactly the batches the uninterrupted
+    run would have read, and the DDP ranks can share out one batch without talking."""
     # Re-open the memmap for every batch: a memmap kept open grows in memory as pages are read.
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    ix = torch.randint(len(data) - block_size, (batch_size,))   # random windows of the corpus
+    # a hash, so that neighbouring seeds or steps give unrelated generators
+    digest = hashlib.sha256(repr((seed, split, key)).encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], 'little'))
+    ix = torch.randint(len(data) - block_size, (micro_batches * batch_size,), generator=generator)
+    ix = ix[micro_step * batch_size:(micro_step + 1) * batch_size]
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
     if device_type == 'cuda':
@@ -129,6 +177,12 @@ def get_batch(split):
     return x, y
 
 
+def train_batch(step, micro_step):
+    """This process's micro_step-th micro-batch of optimizer step `step`. The step's batch has
+    gradient_accumulation_steps micro-batches; rank r takes numbers r, r + world_size, ..."""
+    return get_batch('train', step, micro_step * world_size + rank, gradient_accumulation_steps)
+
+
 # -----------------------------------------------------------------------------
 # model
 iter_num = 0
@@ -138,67 +192,117 @@ model_args = dict(block_size=block_size, window=window, n_layer=n_layer, n_head=
 checkpoint = None
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
-        raise SystemExit(f"init_from='resume' but there is no checkpoint at {ckpt_path}; "
-                         f"train from scratch first (the default --init_from=scratch)")
-    print(f"resuming training from {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location=device)
+        fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}; "
+             f"train from scratch first (the default --init_from=scratch)")
+    log(f"resuming training from {ckpt_path}")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=device)
+    except Exception as e:                  # truncated, not a checkpoint, ...: whatever torch says
+        fail(f"cannot read the checkpoint {ckpt_path}: {e}")
+    missing = {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss'} - set(checkpoint)
+    if missing:
+        fail(f"the checkpoint {ckpt_path} lacks {sorted(missing)}: it was not written by this "
+             f"train.py; start from scratch in another out_dir")
     # The weights fix the model's shape and kind, so those come from the checkpoint, whatever
     # the command line says. Only dropout may change between runs.
     for k, v in checkpoint['model_args'].items():
         if k == 'dropout':
             continue
         if k in model_args and model_args[k] != v:
-            print(f"  {k}={v} from the checkpoint (ignoring {k}={model_args[k]})")
+            log(f"  {k}={v} from the checkpoint (ignoring {k}={model_args[k]})")
         model_args[k] = v
         if k in config:
             globals()[k] = config[k] = v    # e.g. block_size: get_batch uses the checkpoint's
+    # anything else that differs changes the run: say so (a resume that must match an
+    # uninterrupted run needs the same settings)
+    changed = [f"{k} {v!r} -> {config[k]!r}" for k, v in checkpoint.get('config', {}).items()
+               if k in config and k != 'init_from' and config[k] != v]
+    if changed:
+        log(f"  settings changed since the checkpoint: {', '.join(changed)}")
+n_val = len(np.memmap(bin_paths[1], dtype=np.uint16, mode='r'))
+if block_size >= n_val:                     # (block_size may come from the checkpoint)
+    fail(f"block_size={block_size} is too large: the validation split of {dataset!r} "
+         f"has only {n_val} tokens (a batch needs block_size + 1)")
 try:
     model_config = SWATConfig(**model_args)
-except ValueError as e:                     # a bad model setting: say what, without a traceback
-    raise SystemExit(f"bad model settings: {e}")
+except (ValueError, TypeError) as e:        # a bad model setting: say what, without a traceback
+    where = f" (model_args of {ckpt_path})" if checkpoint is not None else ""
+    fail(f"bad model settings{where}: {e}")
 model = SWAT(model_config)
 if checkpoint is not None:
-    model.load_state_dict(checkpoint['model'])
+    try:
+        model.load_state_dict(checkpoint['model'])
+    except RuntimeError as e:               # torch lists the missing, unexpected, mis-shaped
+        fail(f"the weights in {ckpt_path} do not fit the model its model_args describe "
+             f"({model_args}):\n{e}")
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
-    print(f"  continuing from iter {iter_num} (best val loss so far {best_val_loss:.4f})")
-    # a resumed run should draw new batches, not replay the ones from the start of training
-    torch.manual_seed(seed + iter_num)
+    log(f"  continuing from iter {iter_num} (best val loss so far {best_val_loss:.4f})")
 model.to(device)
 model_args = asdict(model_config)
-print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {n_layer} layers, window {window}, "
-      f"block_size {block_size}, receptive field {model.receptive_field} tokens")
+log(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {n_layer} layers, window {window}, "
+    f"block_size {block_size}, receptive field {model.receptive_field} tokens")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-print(f"tokens per iteration: {tokens_per_iter:,}")
+log(f"tokens per iteration: {tokens_per_iter:,} ({world_size} process(es) x {micro_steps} "
+    f"micro-batch(es) x {batch_size} sequences x {block_size} tokens)")
 
 # A GradScaler guards float16 gradients against underflow; for other dtypes it does nothing.
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError) as e:
+        fail(f"the optimizer state in {ckpt_path} does not fit the model: {e}")
+    if 'scaler' in checkpoint:
+        scaler.load_state_dict(checkpoint['scaler'])
+    # The random state decides the dropout masks. Each rank continues its own; from an older
+    # checkpoint, or with another number of processes, there is none to continue: reseed.
+    rng_states = checkpoint.get('rng_states')
+    if rng_states is not None and len(rng_states) == world_size:
+        torch.set_rng_state(rng_states[rank]['torch'].cpu())
+        if device_type == 'cuda' and rng_states[rank]['cuda'] is not None:
+            torch.cuda.set_rng_state(rng_states[rank]['cuda'].cpu(), device)
+    else:
+        log(f"  no random state for {world_size} process(es) in the checkpoint: dropout masks "
+            f"will differ from an uninterrupted run")
+        torch.manual_seed(seed + rank + iter_num)
 checkpoint = None                           # free the memory
 
 raw_model = model                           # the plain module: its state_dict has clean key names
 if compile:
-    print("compiling the model... (takes a minute)")
+    log("compiling the model... (takes a minute)")
     model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+# MFU, model FLOPs utilisation: the FLOPs the model needs per second, over what the GPU can do.
+# Peak dense bfloat16 tensor-core FLOP/s per GPU, from NVIDIA's data sheets.
+PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+gpu_name = torch.cuda.get_device_name(device) if device_type == 'cuda' else ''
+peak_flops = next((f for name, f in PEAK_FLOPS.items() if name in gpu_name), None)
+flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters random batches of each split."""
+    """Mean loss over the same eval_iters batches of each split every time (so evaluations are
+    comparable); the ranks share them out and add up their sums."""
     out = {}
-    model.eval()                            # no dropout while measuring
+    eval_model = model.module if ddp else model  # no DDP wrapper: the ranks do unequal shares
+    eval_model.eval()                       # no dropout while measuring
     for split in ('train', 'val'):
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            X, Y = get_batch(split)
+        total = torch.zeros((), device=device)
+        for k in range(rank, eval_iters, world_size):
+            X, Y = get_batch(split, ('eval', k))
             with ctx:
-                _, loss = model(X, Y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
-    model.train()
+                _, loss = eval_model(X, Y)
+            total += loss.float()
+        if ddp:
+            dist.all_reduce(total)
+        out[split] = total.item() / eval_iters
+    eval_model.train()
     return out
 
 
@@ -214,13 +318,25 @@ def get_lr(it):
 
 
 def save_checkpoint():
+    """Write everything a resumed run needs to continue exactly as this one would. Under DDP
+    every rank must call it (they hand their random states to the master, who writes)."""
+    rng_state = {'torch': torch.get_rng_state(),
+                 'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None}
+    rng_states = [rng_state]
+    if ddp:
+        rng_states = [None] * world_size
+        dist.all_gather_object(rng_states, rng_state)
+    if not master_process:
+        return
     checkpoint = {
         'model': raw_model.state_dict(),
         'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict(),
         'model_args': model_args,
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
+        'rng_states': rng_states,           # one per rank: the dropout masks to come
     }
     print(f"saving checkpoint to {ckpt_path}")
     # Write a temporary file next to the real one, then rename it over: the rename is atomic,
@@ -233,19 +349,48 @@ def save_checkpoint():
     os.replace(tmp_path, ckpt_path)
 
 
+def diverged(what):
+    """Stop on a NaN/inf loss, before anything could save the broken weights."""
+    fail(f"{what} at iter {iter_num}: training diverged. Stopping without saving, so "
+         f"{ckpt_path} still holds the last good state (if any). Try a lower learning rate "
+         f"(--learning_rate={learning_rate} now), a longer warmup (--warmup_iters) or gradient "
+         f"clipping (--grad_clip=1.0), then resume or start again.")
+
+
+# Ctrl-C (SIGINT) and SIGTERM only raise a flag: the step in progress finishes, then the loop
+# saves a checkpoint and exits. A second Ctrl-C stops at once, without saving.
+stop_signal = 0
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signum
+    signal.signal(signum, signal.SIG_DFL)
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
 # -----------------------------------------------------------------------------
 # training loop. iter_num counts the optimizer steps taken so far.
 if iter_num >= max_iters:
-    print(f"iter {iter_num} >= max_iters={max_iters}: nothing to train, evaluating only")
-X, Y = get_batch('train')                   # the first batch
+    log(f"iter {iter_num} >= max_iters={max_iters}: nothing to train, evaluating only")
+X, Y = train_batch(iter_num, 0)             # the first micro-batch
 t_start = time.time()
 losses = None
+eval_seconds = None                         # how long the last evaluation took
 while True:
 
     # evaluate at every eval_interval and at the end; save when val improves
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
+        if eval_seconds is None or eval_seconds > 10:   # say what the pause is
+            log(f"evaluating: {eval_iters} batches of train and val...")
+        t0 = time.time()
         losses = estimate_loss()
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        eval_seconds = time.time() - t0
+        log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+            diverged(f"the evaluation loss is {losses['train']} (train), {losses['val']} (val)")
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             save_checkpoint()
@@ -258,28 +403,83 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    # forward and backward over gradient_accumulation_steps micro-batches: the gradients add up,
-    # so the step sees a batch of gradient_accumulation_steps * batch_size sequences
-    for micro_step in range(gradient_accumulation_steps):
-        with ctx:
-            logits, loss = model(X, Y)
-            loss = loss / gradient_accumulation_steps   # the mean over all micro-batches
-        X, Y = get_batch('train')           # fetch the next batch while the GPU works
-        scaler.scale(loss).backward()
-    if grad_clip != 0.0:
-        scaler.unscale_(optimizer)          # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    # forward and backward over this process's micro-batches: the gradients add up, so the step
+    # sees a batch of gradient_accumulation_steps * batch_size sequences over all processes
+    try:
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(micro_steps):
+            # DDP averages the gradients across ranks during backward; once per step is enough,
+            # so skip it (no_sync) on all micro-steps but the last
+            last = micro_step == micro_steps - 1
+            with model.no_sync() if ddp and not last else nullcontext():
+                with ctx:
+                    logits, loss = model(X, Y)
+                    loss = loss / micro_steps   # the mean over this process's micro-batches
+                # fetch the next micro-batch while the GPU works: this step's next one, or
+                # the next step's first
+                next_step, next_micro = (iter_num + 1, 0) if last else (iter_num, micro_step + 1)
+                X, Y = train_batch(next_step, next_micro)
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        if grad_clip != 0.0:
+            scaler.unscale_(optimizer)      # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    except torch.cuda.OutOfMemoryError:
+        if batch_size == 1:
+            fail(f"out of GPU memory at iter {iter_num}: one sequence of block_size={block_size} "
+                 f"tokens does not fit; try a smaller block_size or model")
+        fail(f"out of GPU memory at iter {iter_num} with batch_size={batch_size}: try "
+             f"--batch_size={batch_size // 2} --gradient_accumulation_steps="
+             f"{gradient_accumulation_steps * 2} (half the sequences per micro-batch, twice "
+             f"the micro-batches)")
     optimizer.zero_grad(set_to_none=True)   # free the gradients' memory right away
     iter_num += 1
 
+    # All ranks must take the same decisions: stop on a NaN loss on any rank, stop when any
+    # rank got a signal. Two tiny all-reduces; .item() also waits for the GPU, timing the step.
+    stop_now = stop_signal                  # read once: a signal may land at any moment
+    if ddp:
+        dist.all_reduce(loss_sum)           # a NaN anywhere makes the sum NaN everywhere
+        loss_sum /= world_size
+        stop_now = torch.tensor(stop_now, device=device)
+        dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+        stop_now = int(stop_now.item())
+    lossf = loss_sum.item()                 # the mean loss over the step's whole batch
+    dt = time.time() - t0                   # the time of this one step
+    if not math.isfinite(lossf):
+        diverged(f"the loss is {lossf}")
+
     # log
     if iter_num % log_interval == 0:
-        lossf = loss.item() * gradient_accumulation_steps  # .item() waits for the GPU: log rarely
-        dt = time.time() - t0               # the time of this one step
-        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
-              f"{tokens_per_iter / dt:,.0f} tok/s")
+        mfu = ''
+        if peak_flops:                      # only where we know the GPU's peak
+            mfu = f", MFU {100 * flops_per_iter / dt / (peak_flops * world_size):.1f}%"
+        log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
+            f"{tokens_per_iter / dt:,.0f} tok/s{mfu}")
 
-print(f"done: final train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-      f"(best {best_val_loss:.4f}) at iter {iter_num}, wall time {time.time() - t_start:.1f}s")
+    if stop_now:
+        save_checkpoint()
+        log(f"stopped at iter {iter_num} by {signal.Signals(stop_now).name}: {ckpt_path} holds "
+            f"this state. To continue, run the same command with --init_from=resume")
+        if ddp:
+            dist.barrier()                  # leave together (gloo may abort a rank otherwise)
+            dist.destroy_process_group()
+        raise SystemExit(128 + stop_now)    # the status a process killed by the signal has
+
+log(f"done: final train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+    f"(best {best_val_loss:.4f}) at iter {iter_num}, wall time {time.time() - t_start:.1f}s")
+if ddp:
+    # DDP gave every rank the same averaged gradients at every step, so the ranks must end with
+    # the same weights, bit for bit. Check it, and show it.
+    digest = hashlib.sha256()
+    for p in raw_model.parameters():
+        digest.update(p.detach().cpu().flatten().view(torch.uint8).numpy())
+    digests = [None] * world_size
+    dist.all_gather_object(digests, digest.hexdigest()[:16])
+    log(f"final weights, sha256 per rank: {' '.join(digests)}")
+    if len(set(digests)) > 1:
+        fail("the ranks ended with different weights: the processes fell out of step")
+    dist.barrier()                          # leave together: gloo may abort a rank otherwise
+    dist.destroy_process_group()
