@@ -63,3 +63,63 @@ def gpt2_tokenizer():
         special_tokens={"<|endoftext|>": EOT},
         explicit_n_vocab=50257,
     )
+
+
+# -----------------------------------------------------------------------------
+# Writing a corpus as token ids, for the prepare.py scripts of the larger corpora.
+
+def progress(items, total, desc):
+    """tqdm's progress bar if tqdm is installed, else a line every 1% or so."""
+    try:
+        from tqdm import tqdm
+        return tqdm(items, total=total, desc=desc)
+    except ImportError:
+        def counted():
+            every = max(1, total // 100)
+            for i, item in enumerate(items, 1):
+                yield item
+                if i % every == 0 or i == total:
+                    print(f"{desc}: {i:,} / {total:,}", flush=True)
+        return counted()
+
+
+def write_token_bins(documents, out_dir, batch_size=256):
+    """Tokenize ('train' or 'val', text) pairs into out_dir/train.bin and val.bin; return
+    {split: (documents, tokens)}.
+
+    The format is nanoGPT's: raw uint16 GPT-2 token ids (every id is < 50257 < 2**16, half the
+    size of int32), each document followed by <|endoftext|>. Documents are encoded batch_size at
+    a time on all cores. Each bin is written to a .tmp file and renamed at the end, so an
+    interrupted run never leaves a half-written bin for train.py to pick up."""
+    import numpy as np
+
+    enc = gpt2_tokenizer()
+    splits = ("train", "val")
+    files = {split: open(os.path.join(out_dir, f"{split}.bin.tmp"), "wb") for split in splits}
+    counts = {split: [0, 0] for split in splits}
+    threads = os.cpu_count() or 1
+    batch = []
+
+    def write(batch):
+        for (split, _), ids in zip(batch, enc.encode_ordinary_batch([t for _, t in batch],
+                                                                    num_threads=threads)):
+            np.array(ids + [EOT], dtype=np.uint16).tofile(files[split])
+            counts[split][0] += 1
+            counts[split][1] += len(ids) + 1
+
+    try:
+        for document in documents:
+            batch.append(document)
+            if len(batch) == batch_size:
+                write(batch)
+                batch = []
+        if batch:
+            write(batch)
+    finally:
+        for f in files.values():
+            f.close()
+    for split in splits:                    # all done: put the bins in place
+        os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
+    for split, (n_documents, n_tokens) in counts.items():
+        print(f"{split}: {n_documents:,} documents, {n_tokens:,} tokens -> {split}.bin")
+    return {split: tuple(c) for split, c in counts.items()}

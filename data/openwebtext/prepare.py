@@ -21,22 +21,19 @@ and renamed at the end, so an interrupted run never leaves a half-written bin be
 """
 
 import argparse
+import itertools
 import json
 import os
 import sys
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 # tokenizer.py lives in the repo root, two levels up; make it importable from any cwd.
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from tokenizer import EOT, gpt2_tokenizer  # noqa: E402
+from tokenizer import progress, write_token_bins  # noqa: E402
 
 HF_DATASET = "Skylion007/openwebtext"
 DOCUMENTS = 8013769                         # for the progress bar
 VAL_EVERY = 2000                            # every 2000th document is validation: ~0.05%
-BATCH = 1024                                # documents tokenized together
-THREADS = os.cpu_count() or 1
 
 
 def texts_from_sample(path):
@@ -57,62 +54,12 @@ def texts_from_hub(max_docs=0):
         yield row["text"]
 
 
-def progress(items, total, desc):
-    """tqdm's progress bar if tqdm is installed, else a line every 1% or so."""
-    try:
-        from tqdm import tqdm
-        return tqdm(items, total=total, desc=desc)
-    except ImportError:
-        def counted():
-            every = max(1, total // 100)
-            for i, item in enumerate(items, 1):
-                yield item
-                if i % every == 0 or i == total:
-                    print(f"{desc}: {i:,} / {total:,}", flush=True)
-        return counted()
-
-
-def batches(items, n, max_items=0):
-    """Lists of n consecutive items (the last one may be shorter); max_items in all (0: all)."""
-    group = []
-    for i, item in enumerate(items):
-        if max_items and i >= max_items:
-            break
-        group.append(item)
-        if len(group) == n:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
 def prepare(out_dir=HERE, sample=None, max_docs=0):
     """Tokenize the documents into out_dir/{train,val}.bin; return {bin: (documents, tokens)}."""
-    enc = gpt2_tokenizer()
     texts = texts_from_sample(sample) if sample else texts_from_hub(max_docs)
-    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
-    files = {split: open(path + ".tmp", "wb") for split, path in paths.items()}
-    counts = {split: [0, 0] for split in paths}
-    index = 0                                   # of the document, over the whole corpus
-    try:
-        for group in batches(texts, BATCH, max_docs):
-            # tiktoken encodes a batch on several threads at once: many times faster than one by one
-            for ids in enc.encode_ordinary_batch(group, num_threads=THREADS):
-                ids.append(EOT)                 # separates the documents
-                split = "val" if index % VAL_EVERY == 0 else "train"
-                # every GPT-2 id is < 50257 < 2**16: uint16 holds them at half the size of int32
-                np.array(ids, dtype=np.uint16).tofile(files[split])
-                counts[split][0] += 1
-                counts[split][1] += len(ids)
-                index += 1
-    finally:
-        for f in files.values():
-            f.close()
-    for split, path in paths.items():
-        os.replace(path + ".tmp", path)         # all done: put the bins in place
-    for split, (n_docs, n_tokens) in counts.items():
-        print(f"{split}: {n_docs:,} documents, {n_tokens:,} tokens -> {paths[split]}")
-    return {split: tuple(c) for split, c in counts.items()}
+    documents = (("val" if i % VAL_EVERY == 0 else "train", text)
+                 for i, text in enumerate(itertools.islice(texts, max_docs or None)))
+    return write_token_bins(documents, out_dir, batch_size=1024)
 
 
 if __name__ == "__main__":

@@ -24,20 +24,16 @@ import json
 import os
 import sys
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 # tokenizer.py lives in the repo root, two levels up; make it importable from any cwd.
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from tokenizer import EOT, gpt2_tokenizer  # noqa: E402
+from tokenizer import progress, write_token_bins  # noqa: E402
 
 # deepmind/pg19 is a loading script that downloads from Google Cloud Storage, and `datasets` >= 4
 # no longer runs loading scripts; emozilla/pg19 holds the same books and splits as parquet files.
 HF_DATASET = "emozilla/pg19"
 SPLITS = {"train": "train", "validation": "val"}        # dataset split -> our bin
 BOOKS = {"train": 28602, "validation": 50}              # for the progress bar
-BATCH = 64                                              # books tokenized together
-THREADS = os.cpu_count() or 1
 
 
 def books_from_sample(path, max_docs=0):
@@ -68,58 +64,10 @@ def books_from_hub(max_docs=0):
             yield split, row["text"]
 
 
-def progress(items, total, desc):
-    """tqdm's progress bar if tqdm is installed, else a line every 1% or so."""
-    try:
-        from tqdm import tqdm
-        return tqdm(items, total=total, desc=desc)
-    except ImportError:
-        def counted():
-            every = max(1, total // 100)
-            for i, item in enumerate(items, 1):
-                yield item
-                if i % every == 0 or i == total:
-                    print(f"{desc}: {i:,} / {total:,}", flush=True)
-        return counted()
-
-
-def batches(items, n):
-    """Lists of n consecutive items (the last one may be shorter)."""
-    group = []
-    for item in items:
-        group.append(item)
-        if len(group) == n:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
 def prepare(out_dir=HERE, sample=None, max_docs=0):
     """Tokenize the books into out_dir/{train,val}.bin; return {bin: (books, tokens)}."""
-    enc = gpt2_tokenizer()
     books = books_from_sample(sample, max_docs) if sample else books_from_hub(max_docs)
-    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
-    files = {split: open(path + ".tmp", "wb") for split, path in paths.items()}
-    counts = {split: [0, 0] for split in paths}
-    try:
-        for group in batches(books, BATCH):
-            # tiktoken encodes a batch on several threads at once: many times faster than one by one
-            encoded = enc.encode_ordinary_batch([text for _, text in group], num_threads=THREADS)
-            for (split, _), ids in zip(group, encoded):
-                ids.append(EOT)                # separates the books
-                # every GPT-2 id is < 50257 < 2**16: uint16 holds them at half the size of int32
-                np.array(ids, dtype=np.uint16).tofile(files[split])
-                counts[split][0] += 1
-                counts[split][1] += len(ids)
-    finally:
-        for f in files.values():
-            f.close()
-    for split, path in paths.items():
-        os.replace(path + ".tmp", path)       # all done: put the bins in place
-    for split, (n_books, n_tokens) in counts.items():
-        print(f"{split}: {n_books:,} books, {n_tokens:,} tokens -> {paths[split]}")
-    return {split: tuple(c) for split, c in counts.items()}
+    return write_token_bins(books, out_dir, batch_size=64)   # books are long: small batches
 
 
 if __name__ == "__main__":
