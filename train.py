@@ -377,6 +377,7 @@ if iter_num >= max_iters:
     log(f"iter {iter_num} >= max_iters={max_iters}: nothing to train, evaluating only")
 X, Y = train_batch(iter_num, 0)             # the first micro-batch
 t_start = time.time()
+t_log, iter_log = t_start, iter_num          # when and at which step the last log was
 losses = None
 eval_seconds = None                         # how long the last evaluation took
 while True:
@@ -388,6 +389,7 @@ while True:
         t0 = time.time()
         losses = estimate_loss()
         eval_seconds = time.time() - t0
+        t_log, iter_log = time.time(), iter_num     # the step timings leave evaluation out
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             diverged(f"the evaluation loss is {losses['train']} (train), {losses['val']} (val)")
@@ -398,7 +400,6 @@ while True:
         break
 
     # set the learning rate of this step
-    t0 = time.time()
     lr = get_lr(iter_num)
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
@@ -437,8 +438,12 @@ while True:
     optimizer.zero_grad(set_to_none=True)   # free the gradients' memory right away
     iter_num += 1
 
-    # All ranks must take the same decisions: stop on a NaN loss on any rank, stop when any
-    # rank got a signal. Two tiny all-reduces; .item() also waits for the GPU, timing the step.
+    # Every log_interval steps, and only then, wait for the GPU and take the decisions all ranks
+    # must take together: stop on a NaN loss on any rank, stop when any rank got a signal. In
+    # between, the CPU queues the next steps while the GPU still works on this one. (A NaN in
+    # between is still caught before anything is saved: evaluation checks its losses too.)
+    if iter_num % log_interval != 0:
+        continue
     stop_now = stop_signal                  # read once: a signal may land at any moment
     if ddp:
         dist.all_reduce(loss_sum)           # a NaN anywhere makes the sum NaN everywhere
@@ -446,18 +451,16 @@ while True:
         stop_now = torch.tensor(stop_now, device=device)
         dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
         stop_now = int(stop_now.item())
-    lossf = loss_sum.item()                 # the mean loss over the step's whole batch
-    dt = time.time() - t0                   # the time of this one step
+    lossf = loss_sum.item()                 # the mean loss over this step's whole batch
     if not math.isfinite(lossf):
         diverged(f"the loss is {lossf}")
-
-    # log
-    if iter_num % log_interval == 0:
-        mfu = ''
-        if peak_flops:                      # only where we know the GPU's peak
-            mfu = f", MFU {100 * flops_per_iter / dt / (peak_flops * world_size):.1f}%"
-        log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
-            f"{tokens_per_iter / dt:,.0f} tok/s{mfu}")
+    dt = (time.time() - t_log) / (iter_num - iter_log)  # per step, since the last log
+    t_log, iter_log = time.time(), iter_num
+    mfu = ''
+    if peak_flops:                          # only where we know the GPU's peak
+        mfu = f", MFU {100 * flops_per_iter / dt / (peak_flops * world_size):.1f}%"
+    log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
+        f"{tokens_per_iter / dt:,.0f} tok/s{mfu}")
 
     if stop_now:
         save_checkpoint()
