@@ -42,7 +42,7 @@ from swat import SWAT, SWATConfig
 # I/O
 out_dir = 'out'
 eval_interval = 250         # evaluate (and maybe save a checkpoint) every this many iterations
-log_interval = 10
+log_interval = 10           # log (and check for NaN and stop signals) every this many steps
 eval_iters = 50             # batches averaged per loss estimate
 always_save_checkpoint = False  # if False, save only when the val loss improves
 init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
@@ -357,8 +357,8 @@ def diverged(what):
          f"clipping (--grad_clip=1.0), then resume or start again.")
 
 
-# Ctrl-C (SIGINT) and SIGTERM only raise a flag: the step in progress finishes, then the loop
-# saves a checkpoint and exits. A second Ctrl-C stops at once, without saving.
+# Ctrl-C (SIGINT) and SIGTERM only raise a flag: training runs on to the next log step, where the
+# loop saves a checkpoint and exits. A second Ctrl-C stops at once, without saving.
 stop_signal = 0
 
 
