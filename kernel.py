@@ -61,7 +61,6 @@ def swat_attention_reference(q, k, v, slopes, window, scale=None, chunk_size=256
     return torch.cat(outputs, dim=2).to(out_dtype)
 
 
-
 # -----------------------------------------------------------------------------
 # The fused Triton kernels.
 #

@@ -155,10 +155,13 @@ class KVCache:
 
 def softmax_window_attention(q, k, v, slopes, window, chunk_size=1024):
     """The baseline: softmax sliding-window attention with the same ALiBi term, (B, H, T, D).
-    With window >= T and no slopes this is plain causal attention, sent to the fast fused path."""
+    slopes=None means no ALiBi; then with window >= T this is plain causal attention, sent to
+    the fast fused path."""
     T = q.shape[2]
-    if window >= T and not slopes.any():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if slopes is None:
+        if window >= T:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        slopes = torch.zeros(q.shape[1], device=q.device)
     outputs = []
     for m0, m1, n0 in query_chunks(T, window, chunk_size):
         bias = window_bias(m0, m1, n0, slopes, window).to(q.dtype)     # (H, M, N), -inf outside
@@ -174,6 +177,7 @@ class Attention(nn.Module):
         self.n_head = config.n_head
         self.window = config.window
         self.attn = config.attn
+        self.has_alibi = config.alibi != 'none'    # known here: no need to look at the slopes
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -194,7 +198,8 @@ class Attention(nn.Module):
                 # normaliser, so a weight does not depend on how many other keys are in view.
                 y = swat_attention(q, k, v, slopes, self.window)
             else:
-                y = softmax_window_attention(q, k, v, slopes, self.window)
+                y = softmax_window_attention(q, k, v, slopes if self.has_alibi else None,
+                                             self.window)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
