@@ -3,6 +3,14 @@ Times swat_attention next to the attention a user would otherwise reach for, on 
 
     python bench.py                      # the six shapes, then the length sweep
     python bench.py --sigmoid=exact --sweep_lengths=   # exact sigmoid, six shapes only
+    python bench.py --mode=train         # training throughput of a GPT-2-small-sized model
+
+--mode=train times whole training steps of a 12-layer, 12-head, 768-wide model (forward,
+backward, fused AdamW, bfloat16 autocast, each block compiled on its own, as train.py runs
+them; --train_compile=model compiles the whole model as one graph instead) at train_lengths:
+SWAT with w = train_window next to the same model with softmax and full causal attention
+through SDPA (FlashAttention), both on train_tokens tokens per step. It reports tokens/s (from
+the median step time) and MFU, which counts only the attended (query, key) pairs.
 
 Peers, all in bfloat16, in the same run:
 - flex sigmoid:  FlexAttention computing SWAT exactly: score_mod = logsigmoid(score + s_h (m-n)),
@@ -23,7 +31,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 import kernel
 from configurator import apply_overrides
 from kernel import swat_attention
-from swat import alibi_slopes
+from swat import SWAT, SWATConfig, alibi_slopes
 
 # -----------------------------------------------------------------------------
 sigmoid = 'fast'        # 'fast' (tanh.approx) or 'exact' (tl.sigmoid) in the kernel
@@ -31,8 +39,18 @@ tokens = 32768          # B * T for the six shapes
 seq_len = 16384
 sweep_window = 512
 sweep_lengths = '1024,2048,4096,8192,16384,32768,65536'
-apply_overrides(globals(), ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths'],
-                sys.argv[1:])
+mode = 'attention'      # 'attention': the kernel and its peers; 'train': whole training steps
+train_lengths = '4096,16384'
+train_window = 512
+train_tokens = 32768    # tokens per training step: batch size = train_tokens / length
+train_compile = 'blocks'  # 'blocks': each block on its own, as train.py; 'model': one graph
+apply_overrides(globals(), ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths',
+                            'mode', 'train_lengths', 'train_window', 'train_tokens',
+                            'train_compile'], sys.argv[1:])
+if mode not in ('attention', 'train'):
+    raise SystemExit(f"mode={mode!r}: expected 'attention' or 'train'")
+if train_compile not in ('blocks', 'model'):
+    raise SystemExit(f"train_compile={train_compile!r}: expected 'blocks' or 'model'")
 # -----------------------------------------------------------------------------
 
 compiled_flex = torch.compile(flex_attention, dynamic=False)
@@ -147,5 +165,64 @@ def main():
         print(f"{T:>6} | {swat_ms:8.3f} | {sdpa_ms:11.3f} | {sdpa_ms / swat_ms:10.2f}x")
 
 
+def training_step_ms(config, batch_size):
+    """Median ms of one training step of a fresh model, and the peak GiB it allocated."""
+    model = SWAT(config).cuda()
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda')
+    if train_compile == 'blocks':
+        for block in model.transformer.h:
+            block.compile()
+        compiled = model
+    else:
+        compiled = torch.compile(model)
+    x, y = torch.randint(0, 50257, (2, batch_size, config.block_size), device='cuda')
+
+    def step():
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            _, loss = compiled(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):                  # compile, autotune, and settle the allocator
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = triton.testing.do_bench(step, warmup=200, rep=2000, return_mode='median')
+    return ms, torch.cuda.max_memory_allocated() / 2**30, model
+
+
+def training_throughput():
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+          f"\ntraining steps of a 12-layer, 12-head, 768-wide model, {train_tokens} tokens per "
+          f"step, torch.compile ({train_compile}), bfloat16 autocast, fused AdamW\n")
+    header = (f"{'T':>6} {'B':>3} | {'attention':<26} | {'ms/step':>8} | {'tokens/s':>10} | "
+              f"{'MFU':>6} | {'peak GiB':>8} | {'tokens/s vs full':>16}")
+    print(header)
+    print('-' * len(header))
+    for T in map(int, train_lengths.split(',')):
+        if train_tokens % T != 0:
+            raise SystemExit(f"train_tokens={train_tokens} must be a multiple of each length ({T})")
+        B = train_tokens // T
+        shape = dict(n_layer=12, n_head=12, n_embd=768, block_size=T, dropout=0.0)
+        peers = [(f"swat, w={train_window}", SWATConfig(window=train_window, **shape)),
+                 ("full causal softmax (SDPA)",
+                  SWATConfig(attn='softmax', alibi='none', window=T, **shape))]
+        rows = []
+        for name, config in peers:
+            torch._dynamo.reset()           # a fresh compile for each model
+            ms, peak_gib, model = training_step_ms(config, B)
+            tokens_per_second = train_tokens / ms * 1e3
+            mfu = model.estimate_mfu(tokens_per_second, T, 'cuda')
+            rows.append((name, ms, tokens_per_second, mfu, peak_gib))
+            del model
+            torch.cuda.empty_cache()
+        full_tokens_per_second = rows[-1][2]
+        for name, ms, tokens_per_second, mfu, peak_gib in rows:
+            mfu = '-' if mfu is None else f"{100 * mfu:5.1f}%"
+            print(f"{T:>6} {B:>3} | {name:<26} | {ms:8.1f} | {tokens_per_second:10,.0f} | "
+                  f"{mfu:>6} | {peak_gib:8.1f} | {tokens_per_second / full_tokens_per_second:15.2f}x")
+
+
 if __name__ == '__main__':
-    main()
+    training_throughput() if mode == 'train' else main()

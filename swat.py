@@ -266,6 +266,11 @@ class Block(nn.Module):
         return x
 
 
+# Peak dense bfloat16 tensor-core FLOP/s of one GPU, from NVIDIA's data sheets (the first name
+# found in the device's name counts, so 'H100 PCIe' comes before 'H100'): the denominator of MFU.
+PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+
+
 class SWAT(nn.Module):
 
     def __init__(self, config):
@@ -317,6 +322,16 @@ class SWAT(nn.Module):
         keys_per_query = (w * (w + 1) // 2 + (T - w) * w) / T    # sum over m of min(m + 1, w), / T
         attention = 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * keys_per_query
         return 6 * self.get_num_params() + attention
+
+    def estimate_mfu(self, tokens_per_second, T=None, device=None):
+        """Model FLOPs utilisation of one GPU training at tokens_per_second on sequences of T
+        tokens: the FLOP/s the model needs over the GPU's peak dense bfloat16 FLOP/s. None for
+        a GPU whose peak is not in PEAK_BF16_FLOPS (or no GPU)."""
+        if device is None or torch.device(device).type != 'cuda':
+            return None
+        name = torch.cuda.get_device_name(device)
+        peak = next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+        return None if peak is None else self.flops_per_token(T) * tokens_per_second / peak
 
     def forward(self, idx, targets=None, caches=None):
         """Logits (and the loss, given targets) for the tokens idx (B, T).

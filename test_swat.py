@@ -830,6 +830,19 @@ def test_flops_per_token_counts_only_the_window():
     assert attention[1] == pytest.approx(attention[0], rel=1e-2)
 
 
+@pytest.mark.parametrize('gpu, peak', [('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12),
+                                       ('NVIDIA A100-SXM4-40GB', 312e12), ('Tesla T4', None)])
+def test_estimate_mfu_divides_model_flops_by_the_gpu_peak(monkeypatch, gpu, peak):
+    model = SWAT(SWATConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, window=16))
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: gpu)
+    mfu = model.estimate_mfu(1e6, 64, 'cuda:0')
+    if peak is None:
+        assert mfu is None                          # an unknown GPU: no made-up peak
+    else:
+        assert mfu == pytest.approx(model.flops_per_token(64) * 1e6 / peak)
+    assert model.estimate_mfu(1e6, 64, 'cpu') is None
+
+
 # -----------------------------------------------------------------------------
 # constant-memory generation
 
