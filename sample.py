@@ -33,7 +33,7 @@ sink_tokens = 0             # keep the first sink_tokens tokens in every layer's
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
-compile = False             # torch.compile the model
+compile = False             # torch.compile the per-token forward (faster once compiled)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -79,7 +79,9 @@ model.load_state_dict(checkpoint['model'])
 model.eval()                                # no dropout
 model.to(device)
 if compile:
-    model = torch.compile(model)
+    # Generation calls forward_cached once per token, so that is what to compile. The caches
+    # grow while they fill: compile for dynamic shapes, not once for every cache length.
+    model.forward_cached = torch.compile(model.forward_cached, dynamic=True)
 
 # generate
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]   # (1, T)
