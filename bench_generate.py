@@ -4,12 +4,14 @@ Generation with the bounded KV cache next to the same model with an unbounded on
     python bench_generate.py                            # 65536 tokens, bfloat16, on the GPU
     python bench_generate.py --tokens=2000 --device=cpu
     python bench_generate.py --compile=True             # the per-token forward compiled
+    python bench_generate.py --cache=bounded            # one of the two runs only
 
 The model is the default one (train.py's shape: 6 layers, 6 heads, 384 wide, window 128) with
 random weights, decoding greedily (top_k=1) from a short prompt. Peer: the same model whose
 caches keep every token (bounded=False). The attention still applies the window, so both compute
-the same thing; only the time per token and the memory can differ. Reported for each: tokens/s
-over the first and over the last 1k tokens, and the peak GPU memory after 1k and after all.
+the same thing; only the time per token and the memory can differ. Each run prints, as it goes,
+tokens/s over the 1k-token spans that end at 1k, at every multiple of 8k and at the end, with the
+peak GPU memory so far; a table of the first and last span closes the report.
 """
 
 import sys
