@@ -21,6 +21,64 @@ import triton
 import triton.language as tl
 
 
+# -----------------------------------------------------------------------------
+# Argument checks, shared by both implementations: a wrong shape, dtype or window gives one line
+# that says what was given and what is expected, not an error from deep inside an einsum or a
+# Triton launch (or, worse, a plausible-looking result).
+
+HEAD_SIZES = (16, 32, 64, 128)                          # what the fused kernels are compiled for
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # ... and the dtypes they take
+REFERENCE_DTYPES = DTYPES + (torch.float64,)
+
+
+def is_int(x):
+    """True for a Python int; False for 2.5, '3' and True (in Python a bool is an int)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_head_size(D, hint='D = n_embd / n_head in the model'):
+    if D not in HEAD_SIZES:
+        raise ValueError(f"head size D={D} is not supported by the fused kernel; use one of "
+                         f"{HEAD_SIZES} ({hint})")
+
+
+def check_inputs(q, k, v, slopes, window, fused=True):
+    """Raise a ValueError that says what is wrong with the arguments, if anything is.
+    fused=True adds the limits of the fused kernels: head sizes HEAD_SIZES, dtypes DTYPES."""
+    if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
+        raise ValueError(f"q, k and v must be torch tensors (B, H, T, D); got "
+                         f"{type(q).__name__}, {type(k).__name__}, {type(v).__name__}")
+    if q.dim() != 4 or not q.shape == k.shape == v.shape:
+        raise ValueError(f"q, k and v must share one shape (B, H, T, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}: "
+                         f"convert them with .to(q.dtype)")
+    dtypes = DTYPES if fused else REFERENCE_DTYPES
+    if q.dtype not in dtypes:
+        names = ', '.join(str(dtype).removeprefix('torch.') for dtype in dtypes)
+        raise ValueError(f"q, k and v must be float tensors, one of {names}; got {q.dtype}: "
+                         f"convert them with .float()")
+    if not isinstance(slopes, torch.Tensor) or not slopes.is_floating_point():
+        got = slopes.dtype if isinstance(slopes, torch.Tensor) else f"a {type(slopes).__name__}"
+        raise ValueError(f"slopes must be a float tensor of shape (H,), one per head; got {got}: "
+                         f"pass torch.tensor(slopes, dtype=torch.float32, device=q.device)")
+    if not q.device == k.device == v.device == slopes.device:
+        raise ValueError(f"q, k, v and slopes must be on one device; got {q.device}, {k.device}, "
+                         f"{v.device}, {slopes.device}")
+    if q.numel() == 0:
+        raise ValueError(f"q, k and v are empty, (B, H, T, D) = {tuple(q.shape)}; give at least "
+                         f"one token (T >= 1), one head and one sequence")
+    if fused:
+        check_head_size(D)
+    if slopes.shape != (H,):
+        raise ValueError(f"slopes must have shape (H,) = ({H},), one per head; got {tuple(slopes.shape)}")
+    if not (is_int(window) and window >= 1):
+        raise ValueError(f"window must be an integer >= 1 (the keys each query sees, itself "
+                         f"included); got {window!r}")
+
+
 def query_chunks(T, window, chunk_size):
     """Yield (m0, m1, n0): queries m0..m1-1 only ever look at keys n0..m1-1.
 
@@ -43,10 +101,22 @@ def window_bias(m0, m1, n0, slopes, window):
     return bias.masked_fill(~in_window, float('-inf'))
 
 
+def attended_pairs(T, window):
+    """The (query, key) pairs inside the window: sum over m of min(m + 1, w). The first w
+    queries see 1, 2, ..., w keys, every later one w. Effective FLOP counts use it: they count
+    the pairs a query attends to, not the masked-out parts of the tiles a kernel computes."""
+    w = min(window, T)
+    return w * (w + 1) // 2 + (T - w) * w
+
+
 def swat_attention_reference(q, k, v, slopes, window, scale=None, chunk_size=256):
     """Eq. 5 of the paper in einsums. q, k, v: (B, H, T, D); slopes: (H,); returns (B, H, T, D).
 
-    Computes in float32 (or float64 when given float64) and returns the input dtype."""
+    Any head size and any float dtype; computes in float32 (or float64 when given float64) and
+    returns the input dtype."""
+    check_inputs(q, k, v, slopes, window, fused=False)
+    if not (is_int(chunk_size) and chunk_size >= 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1 (queries per chunk)")
     B, H, T, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     out_dtype = q.dtype
@@ -75,11 +145,10 @@ def swat_attention_reference(q, k, v, slopes, window, scale=None, chunk_size=256
 #
 # Work is O(T * w): a tile of queries visits only the key blocks its window reaches. Those
 # blocks fall into three runs: blocks cut by the window's far edge (masked), blocks that every
-# query of the tile sees whole (no mask at all), and blocks cut by the causal diagonal (masked).
+# query of the tile sees whole (no mask at all), and blocks cut by the causal diagonal (masked);
+# the picture above _key_block_runs shows them.
 
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
-HEAD_SIZES = (16, 32, 64, 128)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -105,6 +174,41 @@ def _weights(a, b, distance, slope, scale, WINDOW, MASKED: tl.constexpr,
     if MASKED:
         p = tl.where((distance >= 0) & (distance < WINDOW), p, 0.0)
     return p
+
+
+# Which tiles a program visits, drawn for BLOCK_M = BLOCK_N = 4 and w = 12 ('#': the query sees
+# the key, '.': it does not). The forward and the dq pass run one program per block of queries,
+# here m = 16..19, and walk along its row of key blocks:
+#
+#     keys n:  0..3   4..7   8..11  12..15  16..19
+#     m = 16   ....   .###   ####   ####    #...
+#     m = 17   ....   ..##   ####   ####    ##..
+#     m = 18   ....   ...#   ####   ####    ###.
+#     m = 19   ....   ....   ####   ####    ####
+#              never  edge   interior       diagonal
+#              loaded masked no mask        masked
+#
+# Keys 0..3 are more than w-1 back from every query of the block: never loaded. The window's
+# far edge cuts the first visited block (query 16 sees three of keys 4..7, query 19 none) and
+# the causal diagonal cuts the last (no query sees a key after itself); every block between
+# them is seen whole by every query, so it runs without a mask. With unequal BLOCK_M and
+# BLOCK_N, or a window that ends inside a block, the edge or the diagonal can span more than
+# one block: each run is a range of blocks, computed by the two functions below.
+#
+# The dk/dv pass runs one program per block of keys, here n = 4..7, and walks down its column
+# of query blocks: the same band, met in the opposite order.
+#
+#                 keys 4..7
+#     m =  4..7   #...   diagonal (masked)
+#                 ##..
+#                 ###.
+#                 ####
+#     m =  8..15  ####   interior (no mask): every row as this one
+#     m = 16..19  .###   edge (masked)
+#                 ..##
+#                 ...#
+#                 ....
+#     m >= 20     not visited
 
 
 @triton.jit
@@ -134,6 +238,14 @@ def _query_block_runs(n0, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _at_head(X, stride_b, stride_h, H):
+    """X moved to the (batch, head) of this program: program_id(1) counts batch * H + head.
+    The offset is int64, since a (B, H, T, D) tensor can hold more than 2^31 elements."""
+    bh = tl.program_id(1)
+    return X + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
 def _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, scale, offs_m, n_lo, n_hi, T,
                    WINDOW, BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
                    FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -156,12 +268,11 @@ def _forward_kernel(Q, K, V, O, Slopes, scale, T, H, WINDOW,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
-    b, h = tl.program_id(1) // H, tl.program_id(1) % H
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    slope = tl.load(Slopes + h)
+    Q = _at_head(Q, stride_qb, stride_qh, H)
+    K = _at_head(K, stride_kb, stride_kh, H)
+    V = _at_head(V, stride_vb, stride_vh, H)
+    O = _at_head(O, stride_ob, stride_oh, H)
+    slope = tl.load(Slopes + tl.program_id(1) % H)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
@@ -207,14 +318,13 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Slopes, scale, T, H, WINDOW,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
-    b, h = tl.program_id(1) // H, tl.program_id(1) % H
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    DK += b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh       # dk and dv: same layout
-    DV += b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-    slope = tl.load(Slopes + h)
+    Q = _at_head(Q, stride_qb, stride_qh, H)
+    K = _at_head(K, stride_kb, stride_kh, H)
+    V = _at_head(V, stride_vb, stride_vh, H)
+    DO = _at_head(DO, stride_dob, stride_doh, H)
+    DK = _at_head(DK, stride_gb, stride_gh, H)          # dk and dv: one layout
+    DV = _at_head(DV, stride_gb, stride_gh, H)
+    slope = tl.load(Slopes + tl.program_id(1) % H)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     in_seq = offs_n[:, None] < T
@@ -262,13 +372,12 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, scale, T, H, WINDOW,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
-    b, h = tl.program_id(1) // H, tl.program_id(1) % H
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    DQ += b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-    slope = tl.load(Slopes + h)
+    Q = _at_head(Q, stride_qb, stride_qh, H)
+    K = _at_head(K, stride_kb, stride_kh, H)
+    V = _at_head(V, stride_vb, stride_vh, H)
+    DO = _at_head(DO, stride_dob, stride_doh, H)
+    DQ = _at_head(DQ, stride_gb, stride_gh, H)
+    slope = tl.load(Slopes + tl.program_id(1) % H)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     in_seq = offs_m[:, None] < T
@@ -288,38 +397,58 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, scale, T, H, WINDOW,
 
 
 # -----------------------------------------------------------------------------
-# Launchers. Each kernel has a list of (BLOCK_M, BLOCK_N, num_warps, num_stages). The first,
-# small entry serves the interpreter (its unequal blocks exercise every boundary case) and
-# float32 inputs, whose exact matmuls are the slow-to-compile correctness path. 16-bit inputs
-# on the GPU try the others and keep the fastest for each head size and window.
+# Launchers. Each kernel has one small configuration and a list of fast ones, each written
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The small one runs alone under the interpreter
+# (its unequal blocks exercise every boundary case of the runs above) and for float32 inputs,
+# the correctness path, whose exact dots are slow to compile. 16-bit inputs on the GPU try the
+# fast ones and keep the fastest for each head size and window.
 
-def _tuned(shapes):
+def _config(block_m, block_n, num_warps, num_stages):
+    return triton.Config({'BLOCK_M': block_m, 'BLOCK_N': block_n}, num_warps=num_warps,
+                         num_stages=num_stages)
+
+
+def _autotuned(small, fast):
+    """Autotune a kernel over the `fast` configurations; run `small` alone under the
+    interpreter and for float32 inputs."""
+    small, fast = _config(*small), [_config(*shape) for shape in fast]
+
     def prune(configs, named_args, **kwargs):
-        small = INTERPRET or named_args['Q'].dtype == torch.float32
-        return configs[:1] if small else configs[1:]
+        return [small] if INTERPRET or named_args['Q'].dtype == torch.float32 else fast
 
-    configs = [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s)
-               for m, n, w, s in shapes]
-    return triton.autotune(configs=configs, key=['D', 'WINDOW'],
+    return triton.autotune(configs=[small, *fast], key=['D', 'WINDOW'],
                            prune_configs_by={'early_config_prune': prune})
 
 
-_forward = _tuned([(32, 16, 4, 1), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                   (64, 64, 4, 3), (128, 32, 4, 4)])(_forward_kernel)
-_dkdv = _tuned([(16, 32, 4, 1), (32, 128, 4, 3), (32, 128, 8, 4), (64, 128, 8, 3),
-                (64, 64, 4, 3), (128, 128, 8, 2)])(_dkdv_kernel)
-_dq = _tuned([(32, 16, 4, 1), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
-              (128, 32, 8, 4), (64, 32, 4, 4)])(_dq_kernel)
+_forward_tuned = _autotuned(small=(32, 16, 4, 1),
+                            fast=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                                  (64, 64, 4, 3), (128, 32, 4, 4)])(_forward_kernel)
+_dkdv_tuned = _autotuned(small=(16, 32, 4, 1),
+                         fast=[(32, 128, 4, 3), (32, 128, 8, 4), (64, 128, 8, 3),
+                               (64, 64, 4, 3), (128, 128, 8, 2)])(_dkdv_kernel)
+_dq_tuned = _autotuned(small=(32, 16, 4, 1),
+                       fast=[(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+                             (128, 32, 8, 4), (64, 32, 4, 4)])(_dq_kernel)
 
 
-FAST_SIGMOID = True     # use tanh.approx for 16-bit inputs on the GPU (bench.py measures both)
+FAST_SIGMOID = True     # 16-bit inputs on the GPU: tanh.approx (bench.py measures both)
+EXACT_FLOAT32 = True    # float32 inputs: exact float32 dots; False: tf32 on the tensor cores
+
+
+def _dot_precision(dtype):
+    """The input_precision of every tl.dot. It matters for float32 operands alone: 'ieee'
+    multiplies them exactly, 'tf32' rounds them to a 10-bit mantissa first (a relative
+    error of about 3e-4 instead of 1e-5). 16-bit operands go to the tensor cores as they are,
+    and Triton ignores the setting for them; they are passed its default, 'tf32'. (Under the
+    interpreter every dot is an exact numpy matmul, whatever the setting.)"""
+    return 'ieee' if dtype == torch.float32 and EXACT_FLOAT32 else 'tf32'
 
 
 def _kernel_flags(dtype):
-    # float32 inputs get exact float32 matmuls and the exact sigmoid; 16-bit inputs get the
-    # tensor cores' native path and, unless switched off, the fast sigmoid.
+    # The fast sigmoid is a PTX instruction, so the interpreter cannot run it; float32 inputs,
+    # the correctness path, keep the exact tl.sigmoid too.
     fast = FAST_SIGMOID and dtype != torch.float32 and not INTERPRET
-    return dict(FAST_SIGMOID=fast, DOT_PRECISION='ieee' if dtype == torch.float32 else 'tf32')
+    return dict(FAST_SIGMOID=fast, DOT_PRECISION=_dot_precision(dtype))
 
 
 def _strides(*tensors):
@@ -330,8 +459,8 @@ def swat_forward(q, k, v, slopes, window, scale, out):
     """Write the attention output for q, k, v (B, H, T, D) into out; launches the Triton kernel."""
     B, H, T, D = q.shape
     grid = lambda meta: (triton.cdiv(T, meta['BLOCK_M']), B * H)
-    _forward[grid](q, k, v, out, slopes, scale, T, H, min(window, T), *_strides(q, k, v, out),
-                   D=D, **_kernel_flags(q.dtype))
+    _forward_tuned[grid](q, k, v, out, slopes, scale, T, H, min(window, T),
+                         *_strides(q, k, v, out), D=D, **_kernel_flags(q.dtype))
     return out
 
 
@@ -341,11 +470,11 @@ def swat_backward(do, q, k, v, slopes, window, scale, dq, dk, dv):
     window = min(window, T)
     flags = _kernel_flags(q.dtype)
     grid = lambda meta: (triton.cdiv(T, meta['BLOCK_N']), B * H)
-    _dkdv[grid](q, k, v, do, dk, dv, slopes, scale, T, H, window, *_strides(q, k, v, do, dk),
-                D=D, **flags)
+    _dkdv_tuned[grid](q, k, v, do, dk, dv, slopes, scale, T, H, window,
+                      *_strides(q, k, v, do, dk), D=D, **flags)
     grid = lambda meta: (triton.cdiv(T, meta['BLOCK_M']), B * H)
-    _dq[grid](q, k, v, do, dq, slopes, scale, T, H, window, *_strides(q, k, v, do, dq),
-              D=D, **flags)
+    _dq_tuned[grid](q, k, v, do, dq, slopes, scale, T, H, window, *_strides(q, k, v, do, dq),
+                    D=D, **flags)
     return dq, dk, dv
 
 
@@ -362,31 +491,41 @@ _library.define('swat_attention_backward(Tensor do, Tensor q, Tensor k, Tensor v
 
 
 def _empty_like(x):
+    # Contiguous, whatever x's strides. The real operators and the fake ones below both take
+    # their outputs from here: torch.compile plans with the fake outputs' strides, so the real
+    # outputs must have the same.
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _forward_op(q, k, v, slopes, window, scale):
+    """nanoswat::swat_attention itself: allocate the output and launch the forward kernel."""
     return swat_forward(q, k, v, slopes, window, scale, _empty_like(q))
 
 
 def _backward_op(do, q, k, v, slopes, window, scale):
+    """nanoswat::swat_attention_backward itself: allocate dq, dk, dv, launch the two kernels."""
     return swat_backward(do, q, k, v, slopes, window, scale, *(_empty_like(q) for _ in range(3)))
 
 
-def _forward_shape(q, k, v, slopes, window, scale):
+def _fake_forward(q, k, v, slopes, window, scale):
+    """What torch.compile traces the forward with: an output of the right shape, no kernel."""
     return _empty_like(q)
 
 
-def _backward_shapes(do, q, k, v, slopes, window, scale):
+def _fake_backward(do, q, k, v, slopes, window, scale):
+    """The same for the backward: dq, dk, dv of the right shape."""
     return tuple(_empty_like(q) for _ in range(3))
 
 
-def _save_for_backward(ctx, inputs, output):
+def _setup_backward(ctx, inputs, output):
+    """Autograd, after the forward: keep what the backward needs, the inputs alone."""
     q, k, v, slopes, ctx.window, ctx.scale = inputs
     ctx.save_for_backward(q, k, v, slopes)
 
 
-def _backward(ctx, do):
+def _autograd_backward(ctx, do):
+    """Autograd's formula: dq, dk, dv through the backward operator; slopes, window and scale
+    get no gradient."""
     q, k, v, slopes = ctx.saved_tensors
     dq, dk, dv = torch.ops.nanoswat.swat_attention_backward(do, q, k, v, slopes, ctx.window, ctx.scale)
     return dq, dk, dv, None, None, None
@@ -394,40 +533,18 @@ def _backward(ctx, do):
 
 _library.impl('swat_attention', _forward_op, 'CompositeExplicitAutograd')
 _library.impl('swat_attention_backward', _backward_op, 'CompositeExplicitAutograd')
-torch.library.register_fake('nanoswat::swat_attention', _forward_shape)
-torch.library.register_fake('nanoswat::swat_attention_backward', _backward_shapes)
-torch.library.register_autograd('nanoswat::swat_attention', _backward, setup_context=_save_for_backward)
-
-
-def check_inputs(q, k, v, slopes, window):
-    """Raise a ValueError that says what is wrong with the arguments, if anything is."""
-    if q.dim() != 4 or not q.shape == k.shape == v.shape:
-        raise ValueError(f"q, k and v must share one shape (B, H, T, D); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, T, D = q.shape
-    if not q.dtype == k.dtype == v.dtype or q.dtype not in DTYPES:
-        raise ValueError(f"q, k and v must share one dtype out of float32, float16, bfloat16; got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.device == k.device == v.device == slopes.device:
-        raise ValueError(f"q, k, v and slopes must be on one device; got {q.device}, {k.device}, "
-                         f"{v.device}, {slopes.device}")
-    if D not in HEAD_SIZES:
-        raise ValueError(f"head size D={D} is not supported; use one of {HEAD_SIZES} "
-                         f"(n_embd / n_head in the model)")
-    if T < 1:
-        raise ValueError(f"the sequence is empty (T={T}); give at least one token")
-    if slopes.shape != (H,):
-        raise ValueError(f"slopes must have shape (H,) = ({H},), one per head; got {tuple(slopes.shape)}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an integer >= 1 (the keys each query sees, itself "
-                         f"included); got {window!r}")
+torch.library.register_fake('nanoswat::swat_attention', _fake_forward)
+torch.library.register_fake('nanoswat::swat_attention_backward', _fake_backward)
+torch.library.register_autograd('nanoswat::swat_attention', _autograd_backward,
+                                setup_context=_setup_backward)
 
 
 def swat_attention(q, k, v, slopes, window, scale=None):
     """SWAT attention, (B, H, T, D) -> (B, H, T, D), differentiable in q, k and v.
 
     Runs the fused Triton kernels on CUDA tensors (and on any tensors under TRITON_INTERPRET=1),
-    the einsum reference elsewhere."""
+    the einsum reference elsewhere. The inputs are held to the fused kernels' limits on every
+    device, so what runs on a laptop's CPU also runs on the GPU."""
     check_inputs(q, k, v, slopes, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not (q.is_cuda or INTERPRET):

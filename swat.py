@@ -9,16 +9,22 @@ Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H head size
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernel import HEAD_SIZES, query_chunks, swat_attention, window_bias
+from kernel import check_head_size, is_int, query_chunks, swat_attention, window_bias
 
 ATTENTION_KINDS = ('sigmoid', 'softmax')
-ALIBI_MODES = ('balanced', 'negative', 'positive', 'none')
+ALIBI_MODES = ('balanced', 'balanced_paper_code', 'negative', 'positive', 'none')
+
+
+def is_number(x):
+    """True for an int or a float (nan and inf included); False for a bool, a str, None."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass
@@ -36,27 +42,33 @@ class SWATConfig:
     rope_base: float = 10000.0
 
     def __post_init__(self):
+        # Every field is checked here, once, so that a bad setting fails when the config is made
+        # (in train.py: before any data is read) with a line that names it.
+        for name in ('block_size', 'window', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            value = getattr(self, name)
+            if not (is_int(value) and value >= 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.attn not in ATTENTION_KINDS:
             raise ValueError(f"attn={self.attn!r} is unknown; choose one of {ATTENTION_KINDS}")
-        if self.alibi not in ALIBI_MODES:
-            raise ValueError(f"alibi={self.alibi!r} is unknown; choose one of {ALIBI_MODES}")
-        for name in ('block_size', 'window', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if not isinstance(self.rope, bool):
+            raise ValueError(f"rope={self.rope!r} must be True or False")
+        if not (is_number(self.rope_base) and math.isfinite(self.rope_base) and self.rope_base > 0):
+            raise ValueError(f"rope_base={self.rope_base!r} must be a finite number > 0 (the "
+                             f"paper and GPT-NeoX use 10000.0)")
+        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1) (0.0 turns "
+                             f"it off)")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.rope and (self.n_embd // self.n_head) % 2 != 0:
+        head_size = self.n_embd // self.n_head
+        if self.rope and head_size % 2 != 0:
             raise ValueError(f"rope=True needs an even head size, got n_embd/n_head="
-                             f"{self.n_embd // self.n_head}; change n_embd or n_head")
-        if self.attn == 'sigmoid' and self.n_embd // self.n_head not in HEAD_SIZES:
-            raise ValueError(f"attn='sigmoid' supports head sizes {HEAD_SIZES}, got head size "
-                             f"{self.n_embd // self.n_head} (n_embd/n_head); change n_embd or n_head")
-        if self.alibi == 'balanced' and self.n_head % 2 != 0:
-            raise ValueError(f"alibi='balanced' splits the heads in two halves and needs an even "
-                             f"n_head, got n_head={self.n_head}; use an even n_head or another "
-                             f"alibi mode from {ALIBI_MODES}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+                             f"{head_size}; change n_embd or n_head")
+        if self.attn == 'sigmoid':
+            check_head_size(head_size, hint=f"attn='sigmoid': n_embd={self.n_embd} / n_head="
+                                            f"{self.n_head} gives head size {head_size}; change "
+                                            f"n_embd or n_head")
+        alibi_slopes(self.n_head, self.alibi)   # raises if the mode is unknown or n_head does not fit
 
 
 # -----------------------------------------------------------------------------
@@ -69,18 +81,23 @@ class SWATConfig:
 
 def alibi_slopes(n_head, mode='balanced'):
     """Per-head slopes, shape (n_head,), float32, in the paper's sign (bias = s_h * (m - n))."""
-    if mode == 'balanced':
+    if mode in ('balanced', 'balanced_paper_code'):
         if n_head % 2 != 0:
-            raise ValueError(f"alibi='balanced' needs an even n_head, got {n_head}")
-        half = torch.tensor([2.0 ** -k for k in range(1, n_head // 2 + 1)])
-        return torch.cat([-half, half])                 # -1/2, -1/4, ..., then +1/2, +1/4, ...
+            raise ValueError(f"alibi={mode!r} splits the heads in two halves and needs an even "
+                             f"n_head, got n_head={n_head}; use an even n_head or another alibi "
+                             f"mode from {ALIBI_MODES}")
+        if mode == 'balanced':                      # Eq. 4: 1/2, 1/4, ..., 2^-(H/2) in each half
+            half = torch.tensor([2.0 ** -k for k in range(1, n_head // 2 + 1)])
+        else:                                       # the paper's released code: 2^(-8(i+1)/H)
+            half = torch.tensor([2.0 ** (-8.0 * (i + 1) / n_head) for i in range(n_head // 2)])
+        return torch.cat([-half, half])             # the negative half first, then the positive
     if mode in ('negative', 'positive'):
         # standard ALiBi magnitudes 2^(-8h/H), h = 1..H
         magnitudes = torch.tensor([2.0 ** (-8.0 * h / n_head) for h in range(1, n_head + 1)])
         return -magnitudes if mode == 'negative' else magnitudes
     if mode == 'none':
         return torch.zeros(n_head)
-    raise ValueError(f"alibi mode {mode!r} is unknown; choose one of {ALIBI_MODES}")
+    raise ValueError(f"alibi={mode!r} is unknown; choose one of {ALIBI_MODES}")
 
 
 # -----------------------------------------------------------------------------
@@ -105,50 +122,89 @@ def apply_rope(x, cos, sin):
 
 
 # -----------------------------------------------------------------------------
-# The KV cache for generation. The next query will see itself and the w - 1 tokens before it,
-# and no token older than that can ever be seen again: each layer keeps the last w - 1 keys and
-# values and drops the rest, so generating the millionth token costs what the hundredth did,
-# in time and in memory.
+# The KV cache for generation. The next query sees itself and the w - 1 tokens before it, and
+# no token older than that can ever be seen again. So each layer keeps the keys and values of
+# the last w - 1 tokens in a ring of w - 1 slots, and the newest token's key overwrites the
+# oldest one, in place. The cache never changes size: the millionth token costs what the
+# hundredth did, in time and memory, and the decode step, always the same shapes on the same
+# buffers, can be recorded once as a CUDA graph and replayed (see generate_tokens).
 #
-# The keys are stored before RoPE. Cached tokens are placed at their index in the cache,
-# 0 .. L-1, not at their position in the text: the recent tokens are consecutive, so index
-# differences are the true distances, and RoPE and ALiBi see nothing but differences. The
-# keys are rotated afresh at every step (the indices shift as old tokens leave), and no angle
-# or distance ever exceeds the cache size, so precision does not drift however long the text.
+#     slot:     0 .. s-1   s                                  s+w-2
+#             [ sinks  ] [ t-3 | t-2 | t-1 | t-6 | t-5 | t-4 ]        w = 7, query: token t
+#                                           ^ once t is read, its key and value go here, over
+#                                             t-6: the one token t+1 can no longer see
+#
+# The keys are stored before RoPE, with the position of their token. RoPE and ALiBi only ever
+# see distances: at each step the query stays unrotated (distance 0) and each key is rotated
+# back by its distance to the query, 0 .. w-1 (sinks: see below). The angles come from one
+# small fixed table, exact however long the text: rotating by absolute positions would lose
+# precision once a position no longer fits a float32 exactly (past 2^24).
+#
+# Sinks (StreamingLLM, for the softmax baseline): the first s tokens stay in slots 0 .. s-1
+# forever, and count as if they sat just before the window: a query at position p sees sink j
+# at the distance min(p, s + w - 1) - j. With window 1 the ring keeps one slot that is never
+# visible (its token is at distance 1), so that no shape is ever empty.
 
 class KVCache:
-    """One layer's keys (before RoPE) and values, each (B, H, L, D).
+    """Every layer's keys (before RoPE) and values, (n_layer, B, H, S, D) each, in S =
+    sink_tokens + window - 1 slots; the position of the token in each slot (-1: empty) and
+    of the next token to be read."""
 
-    Keeps the first `sink_tokens` tokens of the text (StreamingLLM's attention sinks, for the
-    softmax baseline) and the last window - 1: L <= sink_tokens + window - 1. With
-    bounded=False it keeps every token (the attention still applies the window, so the results
-    are the same); that only serves to measure what the bound saves."""
+    def __init__(self, config, batch_size, sink_tokens, device, dtype):
+        if not (is_int(sink_tokens) and sink_tokens >= 0):
+            raise ValueError(f"sink_tokens={sink_tokens!r} must be an integer >= 0 (the first "
+                             f"tokens kept in view; 0 = none)")
+        self.window, self.sinks = config.window, sink_tokens
+        self.ring = max(config.window - 1, 1)
+        H, D = config.n_head, config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, H, sink_tokens + self.ring, D)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slot_position = torch.full(shape[3:4], -1, device=device)      # (S,)
+        self.position = torch.zeros((), dtype=torch.long, device=device)    # of the next token
+        # RoPE for every distance a key can have: 0 .. s + w - 1
+        self.rope = (rope_cos_sin(torch.arange(sink_tokens + config.window, device=device), D,
+                                  config.rope_base) if config.rope else None)
 
-    def __init__(self, window, sink_tokens=0, bounded=True):
-        if sink_tokens < 0:
-            raise ValueError(f"sink_tokens={sink_tokens} must be >= 0")
-        self.window = window
-        self.sink_tokens = sink_tokens
-        self.bounded = bounded
-        self.k = self.v = None
+    def slot(self, position):
+        """The slot of the token at `position` (a tensor): its sink slot, or its ring slot."""
+        ring_slot = self.sinks + (position - self.sinks) % self.ring
+        return torch.where(position < self.sinks, position, ring_slot)
 
-    def __len__(self):
-        return 0 if self.k is None else self.k.size(2)
+    def fill(self, layer, k, v):
+        """Keep of a prompt's k, v (B, H, T, D) what later tokens can see: the sinks and the
+        last w - 1 tokens. Every layer calls it; the last one sets the positions."""
+        T = k.size(2)
+        kept = torch.tensor([p for p in range(T) if p < self.sinks or p >= T - self.ring],
+                            device=k.device)
+        slots = self.slot(kept)
+        self.k[layer][:, :, slots] = k[:, :, kept].to(self.k.dtype)
+        self.v[layer][:, :, slots] = v[:, :, kept].to(self.v.dtype)
+        if layer == len(self.k) - 1:
+            self.slot_position[slots] = kept
+            self.position.fill_(T)
 
-    def update(self, k, v):
-        """Append the new tokens' k, v (B, H, T, D) and return the whole cache, (B, H, L, D), for
-        this step's attention; keep only what later steps can still see."""
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = (self.trim(k), self.trim(v)) if self.bounded else (k, v)
-        return k, v
+    def distances(self):
+        """For the query of the next token: the distance back to the token of each slot, and to
+        itself (0, last), (S + 1,); and which of them it sees: filled slots inside the window,
+        the sinks always."""
+        p = self.position
+        sink_distance = p.clamp(max=self.sinks + self.window - 1) - self.slot_position[:self.sinks]
+        ring_distance = p - self.slot_position[self.sinks:]
+        distance = torch.cat([sink_distance, ring_distance, p.view(1) * 0])
+        visible = torch.cat([self.slot_position >= 0, p.view(1) >= 0])
+        visible[self.sinks:-1] &= ring_distance < self.window
+        return distance, visible
 
-    def trim(self, x):
-        """The sinks (the first entries) and the last window - 1 entries of x, (B, H, L, D)."""
-        L = x.size(2)
-        s = min(self.sink_tokens, L)
-        recent = min(self.window - 1, L - s)
-        return torch.cat([x[:, :, :s], x[:, :, L - recent:]], dim=2)
+    def append(self, layer, k, v):
+        """Write the newest token's k, v (B, H, 1, D) into its slot, over the oldest token.
+        Every layer calls it; the last one moves the position on."""
+        slot = self.slot(self.position).view(1)
+        self.k[layer].index_copy_(2, slot, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, slot, v.to(self.v.dtype))
+        if layer == len(self.k) - 1:
+            self.slot_position.index_copy_(0, slot, self.position.view(1))
+            self.position += 1
 
 
 # -----------------------------------------------------------------------------
@@ -170,30 +226,66 @@ def softmax_window_attention(q, k, v, slopes, window, chunk_size=1024):
     return torch.cat(outputs, dim=2)
 
 
+def attention_with_sinks(q, k, v, rope, slopes, window, sinks, kind, chunk_size=256):
+    """StreamingLLM's attention sinks, for reading a text with the sinks the KV cache keeps:
+    each query m sees its window and the first `sinks` tokens, placed just before the window
+    (at the distance min(m, sinks + w - 1) - j for sink j). q, k: (B, H, T, D) before RoPE;
+    rope: the (cos, sin) table of positions 0 .. T-1, or None. Written out densely, a chunk of
+    queries at a time: the sinks are an evaluation option of the softmax baseline, not a path
+    that needs the fused kernel."""
+    T, scale = q.size(2), q.size(-1) ** -0.5
+    sinks = min(sinks, T)                           # a text shorter than the sinks: all sinks
+
+    def rotate(x, positions):                       # RoPE at the given positions
+        return x if rope is None else apply_rope(x, rope[0][positions], rope[1][positions])
+
+    k_rotated = rotate(k, torch.arange(T, device=q.device))
+    outputs = []
+    for m0, m1, n0 in query_chunks(T, window, chunk_size):
+        n0 = min(max(n0, sinks), m1)                # the sinks' own columns come first, apart
+        m = torch.arange(m0, m1, device=q.device)
+        at = m.clamp(max=sinks + window - 1)        # where a sink thinks the query is
+        sink_distance = (at[:, None] - torch.arange(sinks, device=q.device)).float()   # (M, s)
+        sink_bias = (slopes[:, None, None] * sink_distance).masked_fill(sink_distance < 0,
+                                                                      float('-inf'))
+        sink_logits = rotate(q[:, :, m0:m1], at) @ k_rotated[:, :, :sinks].transpose(-2, -1)
+        window_logits = rotate(q[:, :, m0:m1], m) @ k_rotated[:, :, n0:m1].transpose(-2, -1)
+        logits = torch.cat([scale * sink_logits + sink_bias, scale * window_logits +
+                            window_bias(m0, m1, n0, slopes, window)], dim=-1)
+        weights = torch.sigmoid(logits) if kind == 'sigmoid' else F.softmax(logits, dim=-1)
+        values = torch.cat([v[:, :, :sinks], v[:, :, n0:m1]], dim=2)
+        outputs.append(weights.to(v.dtype) @ values)
+    return torch.cat(outputs, dim=2)
+
+
 class Attention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
         self.window = config.window
-        self.attn = config.attn
-        self.has_alibi = config.alibi != 'none'    # known here: no need to look at the slopes
+        self.kind = config.attn                     # 'sigmoid' or 'softmax'
+        self.has_alibi = config.alibi != 'none'
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.register_buffer('slopes', alibi_slopes(config.n_head, config.alibi), persistent=False)
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope, sink_tokens=0, cache=None, layer=0):
+        """x (B, T, C) -> (B, T, C). rope: (cos, sin) for positions 0 .. T-1, or None. With a
+        cache (a prompt before generation), its keys and values fill the cache's layer."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:                                              # (B, H, T, D)
-            y = self.cached_attention(q, k, v, rope, cache)
+        if cache is not None:                                                    # (B, H, T, D)
+            cache.fill(layer, k, v)
+        slopes = self.slopes.float()
+        if sink_tokens > 0:
+            y = attention_with_sinks(q, k, v, rope, slopes, self.window, sink_tokens, self.kind)
         else:
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            slopes = self.slopes.float()
-            if self.attn == 'sigmoid':
+            if self.kind == 'sigmoid':
                 # Each key gets its own weight in (0, 1): no competition between keys, no
                 # normaliser, so a weight does not depend on how many other keys are in view.
                 y = swat_attention(q, k, v, slopes, self.window)
@@ -203,40 +295,26 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def cached_attention(self, q, k, v, rope, cache):
-        """Attention of T new tokens (q, k, v: (B, H, T, D), before RoPE) to the cache and to
-        themselves; rope holds cos and sin for the cache indices 0 .. L-1. Returns (B, H, T, D).
-
-        The same equation as the full forward, written out densely: a chunk of T <= w queries
-        against at most sinks + 2w - 1 keys is small, and no T x T matrix ever exists."""
-        k, v = cache.update(k, v)                          # (B, H, L, D): the cache, then the T new
-        T, L = q.size(2), k.size(2)
-        index = torch.arange(L, device=q.device)           # cache indices of the keys
-        m = index[L - T:]                                  # ... and of the queries
-
-        def rotate(x, at):                                 # RoPE at the cache indices `at`
-            return x if rope is None else apply_rope(x, rope[0][at], rope[1][at])
-
-        scale = 1.0 / math.sqrt(q.size(-1))
-        slopes = self.slopes.float()
-        k = rotate(k, index)
-        logits = scale * (rotate(q, m) @ k.transpose(-2, -1))                 # (B, H, T, L)
-        logits = logits + window_bias(L - T, L, 0, slopes, self.window)    # -inf outside the window
-        s = min(cache.sink_tokens, L)
-        if s > 0:
-            # The sinks stay in view after the window has moved past them. StreamingLLM places
-            # them just before the window, so a query at index i sees sink j at the distance
-            # min(i, s + w - 1) - j. Decoding needs no correction (its one query sits at index
-            # s + w - 1 once the cache is full), but a chunk of the prompt does: each of its
-            # queries meets the sinks as if the tokens between them had been dropped already.
-            at = m.clamp(max=s + self.window - 1)
-            distance = (at[:, None] - index[None, :s]).float()                 # (T, s)
-            sink_bias = slopes[:, None, None] * distance                        # (H, T, s)
-            sink_logits = scale * (rotate(q, at) @ k[:, :, :s].transpose(-2, -1))
-            sink_logits = sink_logits + sink_bias.masked_fill(distance < 0, float('-inf'))
-            logits = torch.cat([sink_logits, logits[..., s:]], dim=-1)
-        weights = torch.sigmoid(logits) if self.attn == 'sigmoid' else F.softmax(logits, dim=-1)
-        return weights.to(v.dtype) @ v
+    def decode(self, x, cache, layer, distance, visible):
+        """The attention of one new token per row, x (B, 1, C), to itself and to the cache's
+        layer, written out as Eq. 5: distance and visible (S + 1,) come from cache.distances()."""
+        B, _, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, 1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        keys = torch.cat([cache.k[layer], k.to(cache.k.dtype)], dim=2)       # (B, H, S + 1, D)
+        values = torch.cat([cache.v[layer], v.to(cache.v.dtype)], dim=2)
+        if cache.rope is not None:          # rotate each key back by its distance to the query
+            at = distance.clamp(max=len(cache.rope[0]) - 1)    # (empty slots: any angle, unseen)
+            keys = apply_rope(keys, cache.rope[0][at], -cache.rope[1][at])
+        scale = q.size(-1) ** -0.5
+        logits = scale * (q @ keys.transpose(-2, -1)).float()               # (B, H, 1, S + 1)
+        bias = self.slopes.float()[:, None] * distance                      # s_h * (m - n)
+        logits = logits + bias.masked_fill(~visible, float('-inf'))[:, None, :]
+        weights = torch.sigmoid(logits) if self.kind == 'sigmoid' else F.softmax(logits, dim=-1)
+        y = weights.to(values.dtype) @ values                               # (B, H, 1, D)
+        cache.append(layer, k, v)
+        y = y.transpose(1, 2).reshape(B, 1, C)
+        return self.resid_dropout(self.c_proj(y.to(x.dtype)))
 
 
 class MLP(nn.Module):
@@ -260,15 +338,134 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope, sink_tokens=0, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rope, sink_tokens, cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+    def decode(self, x, cache, layer, distance, visible):
+        x = x + self.attn.decode(self.ln_1(x), cache, layer, distance, visible)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# The loss, without the logits. The output layer turns each of N positions into V = 50,304
+# logits: for 32,768 training tokens that is 6.6 GB in float32, more than the whole model, and
+# the loss needs only one row at a time. So the rows go through in chunks: each chunk's logits
+# give its share of the loss and, right away, the gradient of that share with respect to the
+# logits, (softmax - one_hot(target)) / n. Two matmuls turn that into the chunk's gradients of
+# x and of the output weight, and the logits are dropped. The backward then only scales the
+# stored gradients: the same three matmuls as the plain loss, and memory for one chunk.
+
+def chunk_loss(logits, targets, scored):
+    """Summed cross-entropy of the scored rows of logits (M, V) against targets (M,)."""
+    lse = torch.logsumexp(logits, dim=-1)                                  # (M,)
+    target_logit = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    return torch.where(scored, lse - target_logit, 0.0).sum(), lse
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_size):
+        scored = targets != -1                                   # -1: a position not scored
+        n = scored.sum()                                         # the mean's denominator
+        loss = torch.zeros((), device=x.device)
+        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
+        for i in range(0, x.size(0), chunk_size):
+            rows = slice(i, i + chunk_size)
+            logits = (x[rows] @ weight.t()).float()                          # (chunk, V)
+            chunk_sum, lse = chunk_loss(logits, targets[rows], scored[rows])
+            loss += chunk_sum
+            grad = torch.exp(logits.sub_(lse[:, None]))                       # softmax, in place
+            grad.scatter_add_(1, targets[rows].clamp(min=0)[:, None],
+                              torch.full_like(lse[:, None], -1.0))            # - one_hot(target)
+            grad = (grad * (scored[rows, None] / n)).to(x.dtype)
+            grad_x[rows] = grad @ weight.to(x.dtype)
+            grad_weight += (grad.t() @ x[rows]).float()
+        ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None
+
+
+def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1), exactly, values and gradients,
+    holding the logits of chunk_size rows at a time. x (N, C), weight (V, C), targets (N,)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return ChunkedCrossEntropy.apply(x, weight, targets, chunk_size)
+    scored = targets != -1
+    total = sum(chunk_loss((x[i:i + chunk_size] @ weight.t()).float(), targets[i:i + chunk_size],
+                           scored[i:i + chunk_size])[0] for i in range(0, x.size(0), chunk_size))
+    return total / scored.sum()
 
 
 # Peak dense bfloat16 tensor-core FLOP/s of one GPU, from NVIDIA's data sheets (the first name
 # found in the device's name counts, so 'H100 PCIe' comes before 'H100'): the denominator of MFU.
 PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which file and what to do."""
+
+
+def checkpoint_path(path):
+    """out_dir -> out_dir/ckpt.pt; a path to a file stays as it is."""
+    return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+
+
+def load_checkpoint(path, device='cpu', required=('model', 'model_args')):
+    """The dict train.py saved at path (an out_dir or its ckpt.pt), with its tensors on device.
+    Raises CheckpointError, one line that names the file and the fix, for a checkpoint that is
+    missing, not a file, empty, truncated, corrupt, or lacks any of the `required` entries."""
+    ckpt_path = checkpoint_path(path)
+    if not os.path.exists(ckpt_path):
+        raise CheckpointError(f"no checkpoint at {ckpt_path}: train a model first with "
+                              f"`python train.py` (or point --out_dir at the folder with ckpt.pt)")
+    if not os.path.isfile(ckpt_path):
+        raise CheckpointError(f"{ckpt_path} is not a file: move it away, or point --out_dir at "
+                              f"the folder that holds the real ckpt.pt")
+    if os.path.getsize(ckpt_path) == 0:
+        raise CheckpointError(f"{ckpt_path} is empty (a save that never finished?): restore it "
+                              f"from a copy, or train again into a new out_dir")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except Exception as e:          # truncated zip, not a torch file, unpickling refused, ...
+        raise CheckpointError(f"cannot read the checkpoint {ckpt_path}: it is truncated, corrupt "
+                              f"or not a torch file ({type(e).__name__}); restore it from a copy, "
+                              f"or train again into a new out_dir") from None
+    missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{ckpt_path} lacks {missing}: it was not written by this project's "
+                              f"train.py; train again into a new out_dir")
+    return checkpoint
+
+
+def check_token_ids(name, ids, vocab_size, check_range=True, targets=False):
+    """Raise a ValueError, one line naming what was given and the fix, unless ids is a (B, T)
+    integer tensor of ids in [0, vocab_size). targets=True also allows -1 (a position the loss
+    ignores) and asks for int64, which cross_entropy needs. check_range=False skips the range."""
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{name} must be (B, T) token ids, a tensor; got a {type(ids).__name__}: "
+                         f"pass torch.tensor({name})")
+    if ids.dim() != 2:
+        fix = f"add a batch dimension, {name}[None]" if ids.dim() == 1 else "give a 2-D tensor"
+        raise ValueError(f"{name} must be (B, T) token ids; got shape {tuple(ids.shape)}: {fix}")
+    if ids.dtype not in ((torch.int64,) if targets else (torch.int64, torch.int32)):
+        raise ValueError(f"{name} must hold integer token ids, dtype torch.int64; got {ids.dtype}: "
+                         f"convert with {name}.long()")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} is empty, (B, T) = {tuple(ids.shape)}: give at least one token")
+    if check_range:
+        low, high = (x.item() for x in torch.aminmax(ids))
+        if low < (-1 if targets else 0) or high >= vocab_size:
+            allowed = f"0 .. {vocab_size - 1}" + (", or -1 to ignore a position" if targets else "")
+            raise ValueError(f"{name} holds ids from {low} to {high}; expected {allowed} "
+                             f"(vocab_size={vocab_size}): encode with the model's tokenizer")
 
 
 class SWAT(nn.Module):
@@ -333,40 +530,46 @@ class SWAT(nn.Module):
         peak = next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
         return None if peak is None else self.flops_per_token(T) * tokens_per_second / peak
 
-    def forward(self, idx, targets=None, caches=None):
-        """Logits (and the loss, given targets) for the tokens idx (B, T).
+    def forward(self, idx, targets=None, sink_tokens=0):
+        """For the tokens idx (B, T): (logits (B, 1, V) of the last position, None) without
+        targets, as nanoGPT does at inference; (None, the mean loss over all positions) with
+        targets (B, T), where a target of -1 is not scored. The loss never holds all the logits:
+        see chunked_cross_entropy; for the logits of every position, lm_head(hidden_states).
+        sink_tokens=k keeps the first k tokens in view too (StreamingLLM, see KVCache)."""
+        x = self.hidden_states(idx, sink_tokens)                       # (B, T, C)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None                   # (B, 1, V): last position only
+        self.check_ids(targets, targets=True, like=idx)
+        C = x.size(-1)
+        return None, chunked_cross_entropy(x.reshape(-1, C), self.lm_head.weight, targets.view(-1))
 
-        With caches (one KVCache per layer), idx continues the text the caches have seen. The
-        tokens are read w at a time, each chunk against the caches, so that no attention matrix
-        is larger than w x (sinks + 2w - 1), however long idx is."""
-        B, T = idx.size()
-        if caches is None:
-            x = self.transformer.drop(self.transformer.wte(idx))      # (B, T, C)
-            rope = self.rope_table(T, idx.device)
-            for block in self.transformer.h:
-                x = block(x, rope)
-        else:
-            x = torch.cat([self.forward_cached(chunk, caches)
-                           for chunk in idx.split(self.config.window, dim=1)], dim=1)
-        x = self.transformer.ln_f(x)
-        if targets is not None:
-            logits = self.lm_head(x)                                   # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
-                                   ignore_index=-1)
-        else:
-            logits = self.lm_head(x[:, [-1], :])                       # (B, 1, V): last position only
-            loss = None
-        return logits, loss
-
-    def forward_cached(self, idx, caches):
-        """Hidden states (B, T, C) of the tokens idx (B, T), T <= window, that follow the text
-        the caches have seen; each layer's cache takes in their keys and values."""
+    def hidden_states(self, idx, sink_tokens=0, cache=None):
+        """The last layer's output, normalised, for every position of idx (B, T): (B, T, C).
+        With a cache (a prompt before generation), each layer's keys and values fill it."""
+        self.check_ids(idx)
+        if not (is_int(sink_tokens) and sink_tokens >= 0):
+            raise ValueError(f"sink_tokens={sink_tokens!r} must be an integer >= 0 (the first "
+                             f"tokens kept in view; 0 = none)")
         x = self.transformer.drop(self.transformer.wte(idx))          # (B, T, C)
-        # every layer's cache holds the same tokens, so one table of cache indices serves all
-        rope = self.rope_table(len(caches[0]) + idx.size(1), idx.device)
-        for block, cache in zip(self.transformer.h, caches):
-            x = block(x, rope, cache)
-        return x
+        rope = self.rope_table(idx.size(1), idx.device)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, rope, sink_tokens, cache, layer)
+        return self.transformer.ln_f(x)
+
+    def check_ids(self, ids, targets=False, like=None):
+        """Token ids (or targets, which may be -1) of the right shape, dtype and range, or a
+        ValueError that says what is wrong. Shapes and dtypes cost nothing to check. The range
+        needs the min and max: on a GPU, reading those waits for the GPU to catch up (a sync) at
+        every training step, so it is checked for CPU tensors only (on a GPU, the ids train.py
+        and eval.py read come from the tokenizer, in range by construction; generate checks its
+        prompt on any device), and not while torch.compile traces (a data-dependent branch)."""
+        name = 'targets' if targets else 'idx'
+        check_range = (isinstance(ids, torch.Tensor) and ids.is_cpu
+                       and not torch.compiler.is_compiling())
+        check_token_ids(name, ids, self.config.vocab_size, check_range, targets=targets)
+        if like is not None and ids.shape != like.shape:
+            raise ValueError(f"targets must have the shape of idx, {tuple(like.shape)}; got "
+                             f"{tuple(ids.shape)}")
 
     def rope_table(self, T, device):
         """RoPE's cos and sin for the positions 0 .. T-1, each (T, D); None without RoPE."""
@@ -374,6 +577,28 @@ class SWAT(nn.Module):
             return None
         return rope_cos_sin(torch.arange(T, device=device),
                             self.config.n_embd // self.config.n_head, self.config.rope_base)
+
+    @classmethod
+    def from_checkpoint(cls, path, device='cpu', **overrides):
+        """The model saved by train.py at path (an out_dir or its ckpt.pt), on device, in eval
+        mode, and the checkpoint it came from. `overrides` change config fields that the weights
+        do not depend on (window, dropout, ...): e.g. window=4096 reads with a wider window."""
+        checkpoint = load_checkpoint(path, device)
+        ckpt_path = checkpoint_path(path)
+        try:
+            model = cls(SWATConfig(**{**checkpoint['model_args'], **overrides}))
+        except (TypeError, ValueError) as e:        # an unknown field, a value SWATConfig refuses
+            raise CheckpointError(f"{ckpt_path}: its model_args do not make a model ({e}); it was "
+                                  f"written by another version or program: train again into a "
+                                  f"new out_dir") from None
+        try:
+            model.load_state_dict(checkpoint['model'])
+        except (RuntimeError, TypeError) as e:      # torch lists the missing, unexpected, mis-shaped
+            details = ' '.join(str(e).split())      # its list spans lines; the message is one
+            raise CheckpointError(f"the weights in {ckpt_path} do not fit the model its "
+                                  f"model_args describe ({details}); it was written by another "
+                                  f"version or program: train again into a new out_dir") from None
+        return model.to(device).eval(), checkpoint
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay the matrices (linear layers, embeddings); not the norms' gains
@@ -385,27 +610,113 @@ class SWAT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
                                  fused=(device_type == 'cuda'))
 
+    # -------------------------------------------------------------------------
+    # Generation: read the prompt once, then one token at a time against the KV cache.
+
+    def new_cache(self, batch_size, sink_tokens=0, device=None):
+        """An empty KVCache for batch_size rows, on the model's device, in its dtype."""
+        weight = self.lm_head.weight
+        return KVCache(self.config, batch_size, sink_tokens, device or weight.device, weight.dtype)
+
+    def prefill(self, idx, cache):
+        """Read the prompt idx (B, T) in one ordinary forward (the fused kernel on a GPU), fill
+        the cache with what later tokens can see, and return the next token's logits (B, V)."""
+        x = self.hidden_states(idx, cache.sinks, cache)
+        return self.lm_head(x[:, -1])
+
+    def decode(self, token, cache):
+        """Read one token per row, token (B, 1), at the cache's position; return the logits of
+        the next one (B, V). The same shapes and buffers every time: see generate_tokens."""
+        distance, visible = cache.distances()           # one table for every layer
+        x = self.transformer.drop(self.transformer.wte(token))        # (B, 1, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block.decode(x, cache, layer, distance, visible)
+        return self.lm_head(self.transformer.ln_f(x))[:, -1]
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, sink_tokens=0):
-        """Append max_new_tokens tokens to idx (B, T), each sampled from the model. With
-        sink_tokens=k the first k tokens stay in view too (StreamingLLM, for softmax models)."""
+        """Append max_new_tokens tokens to idx (B, T), each sampled from the model (see
+        generate_tokens for the arguments); max_new_tokens=0 returns (a copy of) the prompt."""
         new = self.generate_tokens(idx, max_new_tokens, temperature, top_k, sink_tokens)
         return torch.cat([idx, *new], dim=1)
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, sink_tokens=0,
-                        bounded=True):
+                        cuda_graph=True):
         """Yield max_new_tokens sampled tokens, each (B, 1), one per step, after the prompt idx.
 
-        The prompt is read once, then each step reads only the token just sampled, against a
-        cache per layer of at most sink_tokens + window - 1 entries (bounded=False: all)."""
-        caches = [KVCache(self.config.window, sink_tokens, bounded) for _ in self.transformer.h]
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx, caches=caches)        # the prompt, then the newest token
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('inf')
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.multinomial(probs, num_samples=1)
-            yield idx
+        temperature divides the logits: 1 samples the model's distribution, below 1 sharpens
+        it, above 1 flattens it, and 0 always picks the most likely token (greedy). top_k=k
+        samples among the k most likely tokens only; None among all. With sink_tokens=k the
+        first k tokens stay in view too (StreamingLLM, for softmax models).
+
+        On a GPU the decode step (every layer, and the sampling) is recorded as one CUDA graph
+        after its first run and replayed for every later token: one launch instead of hundreds
+        of small kernels, each queued by Python. cuda_graph=False runs it eagerly, as a CPU does."""
+        # checked once for the whole generation: the one sync of the range check costs nothing
+        check_token_ids('idx', idx, self.config.vocab_size)
+        if not (is_int(max_new_tokens) and max_new_tokens >= 0):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        if not (is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature={temperature!r} must be a finite number >= 0: 1 samples "
+                             f"the model's distribution, 0 picks the most likely token")
+        if top_k is not None and not (is_int(top_k) and top_k >= 1):
+            raise ValueError(f"top_k={top_k!r} must be an integer >= 1, the number of most likely "
+                             f"tokens to sample from; top_k=None samples from all tokens")
+        cache = self.new_cache(idx.size(0), sink_tokens, idx.device)
+        if max_new_tokens == 0:
+            return
+        token = sample(self.prefill(idx, cache), temperature, top_k)
+        yield token
+
+        def step(token):
+            return sample(self.decode(token, cache), temperature, top_k)
+
+        if cuda_graph and idx.is_cuda:
+            step = CUDAGraphStep(step)
+        for _ in range(max_new_tokens - 1):
+            token = step(token)
+            yield token
+
+
+def sample(logits, temperature, top_k):
+    """One token per row of logits (B, V), as (B, 1), drawn on the device without a sync.
+    argmax(logits / temperature + Gumbel noise) is a draw from softmax(logits / temperature)
+    (the Gumbel-max trick): no normalisation, and no multinomial, which a CUDA graph cannot hold."""
+    if temperature == 0:                                # the limit of ever lower temperatures
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_largest, float('-inf'))
+    gumbel = -torch.log(-torch.log(torch.rand_like(logits)))
+    return (logits + gumbel).argmax(dim=-1, keepdim=True)
+
+
+class CUDAGraphStep:
+    """step(token) -> next token, run eagerly the first time, then recorded as a CUDA graph and
+    replayed. step may only read and write tensors that stay in place (the KV cache does)."""
+
+    def __init__(self, step):
+        self.step, self.graph = step, None
+
+    def __call__(self, token):
+        if self.graph is not None:
+            self.token.copy_(token)
+            self.graph.replay()
+            return self.next_token.clone()
+        # The first step runs for real on a side stream: a graph must be recorded after one
+        # ordinary run (lazy initialisation, cuBLAS workspaces), and off the default stream.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            next_token = self.step(token)
+        torch.cuda.current_stream().wait_stream(side)
+        # Recording runs nothing: the kernels of one step, on these buffers, are only noted down.
+        # Autocast's cache of cast weights would live outside the graph: turn it off here.
+        self.token, self.graph = token.clone(), torch.cuda.CUDAGraph()
+        with torch.autocast('cuda', enabled=torch.is_autocast_enabled('cuda'),
+                            dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False):
+            with torch.cuda.graph(self.graph):
+                self.next_token = self.step(self.token)
+        return next_token
