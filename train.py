@@ -10,32 +10,38 @@ Any setting below can be changed from the command line, for example on a laptop 
 
     python train.py --device=cpu --n_layer=4 --n_head=4 --n_embd=128 --block_size=256 --window=64
 
-On several GPUs of one machine, with distributed data parallel (DDP), start it through torchrun;
-gradient_accumulation_steps is the total over all GPUs and is shared among them:
+On several GPUs of one machine, with distributed data parallel (DDP), start it through torchrun:
 
-    torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8
+    torchrun --standalone --nproc_per_node=8 train.py
 
-Continue from the last checkpoint in out_dir with --init_from=resume. Ctrl-C (or SIGTERM, as a
-cluster sends before it preempts a job) saves a checkpoint after the current step, then exits.
+gradient_accumulation_steps counts the micro-batches of one optimizer step over all GPUs
+together, each GPU taking an equal share; a total that is not a multiple of the number of GPUs
+is rounded up, and the log says so: the default 1 becomes 8 above (one each), 12 would be 16.
+
+Continue from the last checkpoint in out_dir with --init_from=resume; from scratch, train.py
+refuses an out_dir that holds a checkpoint already. Ctrl-C (or SIGTERM, as a cluster sends
+before it preempts a job) saves a checkpoint after the current step, then exits.
 """
 
-import hashlib
 import math
 import os
-import runpy
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_overrides
+from runtime import setup_device_and_precision
 from swat import SWAT, SWATConfig
+from training import (StopFlag, changed_settings, check_mask_file, check_out_dir, check_settings,
+                      check_token_file, get_batch, get_lr, load_for_resume, merge_model_args,
+                      micro_batches_per_process, out_of_memory_advice, prepare_dataset,
+                      restore_rng_state, rng_state, save_checkpoint_file)
 
 # -----------------------------------------------------------------------------
 # default settings: a small SWAT on Shakespeare
@@ -47,11 +53,11 @@ eval_iters = 50             # batches averaged per loss estimate
 always_save_checkpoint = False  # if False, save only when the val loss improves
 init_from = 'scratch'       # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 # data
-dataset = 'shakespeare'     # reads data/<dataset>/train.bin and val.bin
+dataset = 'shakespeare'     # reads data/<dataset>/train.bin and val.bin (see the data section)
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, in total over all DDP ranks
 batch_size = 16             # sequences per micro-batch
 block_size = 512            # training sequence length: 4 x window, the paper's best ratio
-# model
+# model: every setting named like a field of swat.SWATConfig
 window = 128                # keys each query sees, itself included
 n_layer = 6
 n_head = 6
@@ -60,6 +66,8 @@ dropout = 0.2               # a small corpus overfits quickly; 0.0 for pretraini
 attn = 'sigmoid'            # 'sigmoid' (SWAT) or 'softmax' (the sliding-window baseline)
 alibi = 'balanced'          # 'balanced', 'negative', 'positive' or 'none'
 rope = True
+rope_base = 10000.0         # RoPE's base period
+vocab_size = 50304          # GPT-2's 50257 tokens padded up to a multiple of 64
 # AdamW optimizer
 learning_rate = 1e-3        # peak learning rate
 max_iters = 2000            # total optimizer steps
@@ -82,12 +90,6 @@ seed = 1337
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 overrides = apply_overrides(globals(), config_keys)   # --key=value from the command line
-device_type = 'cuda' if 'cuda' in device else 'cpu'  # autocast and fused AdamW need the kind only
-if device_type == 'cpu' and 'backend' not in overrides:
-    backend = 'gloo'                        # NCCL only moves GPU tensors
-if device_type != 'cuda' and 'compile' not in overrides:
-    compile = False                         # for a CPU it is slow to start and needs a C compiler
-config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint, for the record
 # -----------------------------------------------------------------------------
 
 # Distributed data parallel: torchrun starts one process per GPU and tells each its place
@@ -108,128 +110,82 @@ def fail(message):
     raise SystemExit(message if master_process else 1)
 
 
-if init_from not in ('scratch', 'resume'):
-    fail(f"init_from={init_from!r}: expected 'scratch' or 'resume'")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype={dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
-if gradient_accumulation_steps % world_size != 0:
-    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
-         f"number of processes ({world_size}): it counts the micro-batches of one step over all "
-         f"of them, and each takes the same share")
-micro_steps = gradient_accumulation_steps // world_size     # this process's share
+# Check the settings, the device and out_dir before any work: a mistake costs one line now,
+# not a traceback (or a lost checkpoint) later. The checks stop with SystemExit(message).
+try:
+    check_settings({k: globals()[k] for k in config_keys})
+    device_type, ctx = setup_device_and_precision(device, dtype)  # ctx: autocast to dtype
+    if master_process:                      # the one that will write the checkpoints
+        check_out_dir(out_dir, init_from)
+except SystemExit as e:
+    fail(e.code)                            # printed once, not once per process
+if device_type != 'cuda' and 'backend' not in overrides:
+    backend = 'gloo'                        # NCCL only moves GPU tensors
+if device_type != 'cuda' and 'compile' not in overrides:
+    compile = False                         # for a CPU it is slow to start and needs a C compiler
+config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint, for the record
+model_args = {f.name: config[f.name] for f in fields(SWATConfig) if f.name in config}
+# Each process takes the same share of a step's micro-batches: round the total up to allow that
+# (config keeps the value as given, so that resuming with the same command changes nothing).
+gradient_accumulation_steps, micro_steps = micro_batches_per_process(gradient_accumulation_steps,
+                                                                     world_size)
 if ddp:
     if device_type == 'cuda':
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)       # the default GPU of this process
     dist.init_process_group(backend=backend)
 
-if master_process:
-    os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 torch.manual_seed(seed + rank)              # the ranks draw different dropout masks
-torch.backends.cuda.matmul.allow_tf32 = True    # TF32 matmuls on Ampere and later: much faster
-torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-# Mixed precision: the matmuls run in bfloat16/float16 while the weights stay float32.
-ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type,
-                                                                  dtype=ptdtype)
 
 # -----------------------------------------------------------------------------
-# data: the token ids of the corpus, one uint16 per token, in data/<dataset>/{train,val}.bin
+# data: the token ids of the corpus, one uint16 per token, in data/<dataset>/{train,val}.bin.
+# An optional {split}_mask.bin, one uint8 per token, scores as a target only the tokens marked 1.
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 bin_paths = [os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')]
-if not all(os.path.exists(p) for p in bin_paths):
-    prepare_script = os.path.join(data_dir, 'prepare.py')
-    if not os.path.exists(prepare_script):
-        fail(f"dataset {dataset!r}: {bin_paths[0]} and {bin_paths[1]} are missing and "
-             f"there is no {prepare_script} to make them")
-    if ddp:                                 # not N processes writing the same files at once
-        fail(f"dataset {dataset!r} is not tokenized yet: run python {prepare_script} first")
-    print(f"dataset {dataset!r} is not tokenized yet: running {prepare_script}")
-    saved_argv = sys.argv
-    sys.argv = [prepare_script]         # the script must not see our --key=value arguments
-    try:
-        runpy.run_path(prepare_script, run_name='__main__')
-    finally:
-        sys.argv = saved_argv
-
-
-def get_batch(split, key, micro_step=0, micro_batches=1):
-    """Micro-batch micro_step (batch_size sequences) of the batch called `key` of split.
-
-    The whole batch, micro_batches * batch_size random windows of the corpus, comes from a
-    generator seeded by (seed, split, key) alone: the same arguments give the same tokens in
-    every run and every process. So a resumed run reads exactly the batches the uninterrupted
-    run would have read, and the DDP ranks can share out one batch without talking."""
-    # Re-open the memmap for every batch: a memmap kept open grows in memory as pages are read.
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    # a hash, so that neighbouring seeds or steps give unrelated generators
-    digest = hashlib.sha256(repr((seed, split, key)).encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], 'little'))
-    ix = torch.randint(len(data) - block_size, (micro_batches * batch_size,), generator=generator)
-    ix = ix[micro_step * batch_size:(micro_step + 1) * batch_size]
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
-    if device_type == 'cuda':
-        # pinned memory lets the copy to the GPU run asynchronously, overlapped with compute
-        x = x.pin_memory().to(device, non_blocking=True)
-        y = y.pin_memory().to(device, non_blocking=True)
-    else:
-        x, y = x.to(device), y.to(device)
-    return x, y
+try:
+    prepare_dataset(data_dir, ddp)          # tokenize the corpus first if that was not done yet
+except SystemExit as e:
+    fail(e.code)
 
 
 def train_batch(step, micro_step):
     """This process's micro_step-th micro-batch of optimizer step `step`. The step's batch has
     gradient_accumulation_steps micro-batches; rank r takes numbers r, r + world_size, ..."""
-    return get_batch('train', step, micro_step * world_size + rank, gradient_accumulation_steps)
+    return get_batch(data_dir, 'train', step, seed, block_size, batch_size,
+                     micro_step * world_size + rank, gradient_accumulation_steps, device)
 
 
 # -----------------------------------------------------------------------------
 # model
 iter_num = 0
 best_val_loss = float('inf')
-model_args = dict(block_size=block_size, window=window, n_layer=n_layer, n_head=n_head,
-                  n_embd=n_embd, dropout=dropout, attn=attn, alibi=alibi, rope=rope)
-checkpoint = None
-if init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}; "
-             f"train from scratch first (the default --init_from=scratch)")
+try:                                        # missing, empty, truncated, corrupt, foreign: one line
+    checkpoint = load_for_resume(ckpt_path, device) if init_from == 'resume' else None
+except SystemExit as e:
+    fail(e.code)
+if checkpoint is not None:
     log(f"resuming training from {ckpt_path}")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location=device)
-    except Exception as e:                  # truncated, not a checkpoint, ...: whatever torch says
-        fail(f"cannot read the checkpoint {ckpt_path}: {e}")
-    missing = {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss'} - set(checkpoint)
-    if missing:
-        fail(f"the checkpoint {ckpt_path} lacks {sorted(missing)}: it was not written by this "
-             f"train.py; start from scratch in another out_dir")
-    # The weights fix the model's shape and kind, so those come from the checkpoint, whatever
-    # the command line says. Only dropout may change between runs.
-    for k, v in checkpoint['model_args'].items():
-        if k == 'dropout':
-            continue
-        if k in model_args and model_args[k] != v:
-            log(f"  {k}={v} from the checkpoint (ignoring {k}={model_args[k]})")
-        model_args[k] = v
-        if k in config:
-            globals()[k] = config[k] = v    # e.g. block_size: get_batch uses the checkpoint's
-    # anything else that differs changes the run: say so (a resume that must match an
-    # uninterrupted run needs the same settings)
-    changed = [f"{k} {v!r} -> {config[k]!r}" for k, v in checkpoint.get('config', {}).items()
-               if k in config and k != 'init_from' and config[k] != v]
-    if changed:
+    # The weights fix the model's shape and kind: the checkpoint's win; dropout may change.
+    model_args, overruled = merge_model_args(checkpoint['model_args'], model_args)
+    for message in overruled:
+        log(f"  {message}")
+    config.update((k, v) for k, v in model_args.items() if k in config)   # for the record
+    changed = changed_settings(checkpoint.get('config', {}), config)
+    if changed:                             # a resume that must match needs the same settings
         log(f"  settings changed since the checkpoint: {', '.join(changed)}")
-n_val = len(np.memmap(bin_paths[1], dtype=np.uint16, mode='r'))
-if block_size >= n_val:                     # (block_size may come from the checkpoint)
-    fail(f"block_size={block_size} is too large: the validation split of {dataset!r} "
-         f"has only {n_val} tokens (a batch needs block_size + 1)")
 try:
     model_config = SWATConfig(**model_args)
 except (ValueError, TypeError) as e:        # a bad model setting: say what, without a traceback
     where = f" (model_args of {ckpt_path})" if checkpoint is not None else ""
     fail(f"bad model settings{where}: {e}")
+block_size = model_config.block_size        # the checkpoint's, when resuming: what get_batch reads
+try:
+    for path in bin_paths:
+        check_mask_file(path, check_token_file(path, block_size, model_config.vocab_size),
+                        block_size)
+except SystemExit as e:
+    fail(e.code)
 model = SWAT(model_config)
 if checkpoint is not None:
     try:
@@ -242,9 +198,14 @@ if checkpoint is not None:
     log(f"  continuing from iter {iter_num} (best val loss so far {best_val_loss:.4f})")
 model.to(device)
 model_args = asdict(model_config)
-log(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {n_layer} layers, window {window}, "
-    f"block_size {block_size}, receptive field {model.receptive_field} tokens")
+log(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_config.n_layer} layers, "
+    f"window {model_config.window}, block_size {block_size}, receptive field "
+    f"{model.receptive_field} tokens")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if gradient_accumulation_steps != config['gradient_accumulation_steps']:
+    log(f"gradient_accumulation_steps={config['gradient_accumulation_steps']} rounded up to "
+        f"{gradient_accumulation_steps}, a multiple of the {world_size} processes, so "
+        f"{tokens_per_iter:,} tokens per iteration")
 log(f"tokens per iteration: {tokens_per_iter:,} ({world_size} process(es) x {micro_steps} "
     f"micro-batch(es) x {batch_size} sequences x {block_size} tokens)")
 
@@ -261,12 +222,7 @@ if checkpoint is not None:
         scaler.load_state_dict(checkpoint['scaler'])
     # The random state decides the dropout masks. Each rank continues its own; from an older
     # checkpoint, or with another number of processes, there is none to continue: reseed.
-    rng_states = checkpoint.get('rng_states')
-    if rng_states is not None and len(rng_states) == world_size:
-        torch.set_rng_state(rng_states[rank]['torch'].cpu())
-        if device_type == 'cuda' and rng_states[rank]['cuda'] is not None:
-            torch.cuda.set_rng_state(rng_states[rank]['cuda'].cpu(), device)
-    else:
+    if not restore_rng_state(checkpoint.get('rng_states'), rank, world_size, device_type, device):
         log(f"  no random state for {world_size} process(es) in the checkpoint: dropout masks "
             f"will differ from an uninterrupted run")
         torch.manual_seed(seed + rank + iter_num)
@@ -274,10 +230,8 @@ checkpoint = None                           # free the memory
 
 raw_model = model                           # the plain module, without the DDP wrapper
 if compile:
-    # Compile each block on its own, not the whole model as one graph: on an H100 this trained
-    # the GPT-2-small shape 1.25x faster (bench.py --mode=train with --train_compile=blocks,
-    # against =model), at the price of more memory. The embedding, the output layer and the
-    # loss stay eager. block.compile() works in place, so the parameter names do not change.
+    # Per block, not one whole-model graph: 1.25x faster on an H100, for more memory (bench.py
+    # --mode=train, --train_compile=blocks vs =model); in place, so the parameter names stay.
     log("compiling the blocks... (takes a minute, at the first steps)")
     for block in model.transformer.h:
         block.compile()
@@ -295,7 +249,8 @@ def estimate_loss():
     for split in ('train', 'val'):
         total = torch.zeros((), device=device)
         for k in range(rank, eval_iters, world_size):
-            X, Y = get_batch(split, ('eval', k))
+            X, Y = get_batch(data_dir, split, ('eval', k), seed, block_size, batch_size,
+                             device=device)
             with ctx:
                 _, loss = eval_model(X, Y)
             total += loss.float()
@@ -306,26 +261,13 @@ def estimate_loss():
     return out
 
 
-def get_lr(it):
-    """Learning rate at iteration it: linear warmup, then cosine decay to min_lr."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= lr_decay_iters:
-        return min_lr
-    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)   # 0 -> 1
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))                # 1 -> 0
-    return min_lr + coeff * (learning_rate - min_lr)
-
-
 def save_checkpoint():
     """Write everything a resumed run needs to continue exactly as this one would. Under DDP
     every rank must call it (they hand their random states to the master, who writes)."""
-    rng_state = {'torch': torch.get_rng_state(),
-                 'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None}
-    rng_states = [rng_state]
+    mine = rng_state(device_type, device)   # this rank's random state
+    rng_states = [None] * world_size if ddp else [mine]
     if ddp:
-        rng_states = [None] * world_size
-        dist.all_gather_object(rng_states, rng_state)
+        dist.all_gather_object(rng_states, mine)    # every rank's, for the master to write
     if not master_process:
         return
     checkpoint = {
@@ -339,14 +281,7 @@ def save_checkpoint():
         'rng_states': rng_states,           # one per rank: the dropout masks to come
     }
     print(f"saving checkpoint to {ckpt_path}")
-    # Write a temporary file next to the real one, then rename it over: the rename is atomic,
-    # so a crash mid-save leaves the previous checkpoint intact, never half a file.
-    tmp_path = ckpt_path + '.tmp'
-    with open(tmp_path, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, ckpt_path)
+    save_checkpoint_file(checkpoint, ckpt_path)  # all or nothing: never half a file
 
 
 def diverged(what):
@@ -357,19 +292,9 @@ def diverged(what):
          f"clipping (--grad_clip=1.0), then resume or start again.")
 
 
-# Ctrl-C (SIGINT) and SIGTERM only raise a flag: training runs on to the next log step, where the
-# loop saves a checkpoint and exits. A second Ctrl-C stops at once, without saving.
-stop_signal = 0
-
-
-def request_stop(signum, frame):
-    global stop_signal
-    stop_signal = signum
-    signal.signal(signum, signal.SIG_DFL)
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+# Ctrl-C (SIGINT) and SIGTERM only raise a flag, stop.signum: the loop saves a checkpoint at the
+# next log step and exits. A second Ctrl-C stops at once, without saving.
+stop = StopFlag()
 
 # -----------------------------------------------------------------------------
 # training loop. iter_num counts the optimizer steps taken so far.
@@ -400,7 +325,7 @@ while True:
         break
 
     # set the learning rate of this step
-    lr = get_lr(iter_num)
+    lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
@@ -428,13 +353,8 @@ while True:
         scaler.step(optimizer)
         scaler.update()
     except torch.cuda.OutOfMemoryError:
-        if batch_size == 1:
-            fail(f"out of GPU memory at iter {iter_num}: one sequence of block_size={block_size} "
-                 f"tokens does not fit; try a smaller block_size or model")
-        fail(f"out of GPU memory at iter {iter_num} with batch_size={batch_size}: try "
-             f"--batch_size={batch_size // 2} --gradient_accumulation_steps="
-             f"{gradient_accumulation_steps * 2} (half the sequences per micro-batch, twice "
-             f"the micro-batches)")
+        fail(f"out of GPU memory at iter {iter_num}: "
+             f"{out_of_memory_advice(batch_size, block_size, gradient_accumulation_steps)}")
     optimizer.zero_grad(set_to_none=True)   # free the gradients' memory right away
     iter_num += 1
 
@@ -444,7 +364,7 @@ while True:
     # between is still caught before anything is saved: evaluation checks its losses too.)
     if iter_num % log_interval != 0:
         continue
-    stop_now = stop_signal                  # read once: a signal may land at any moment
+    stop_now = stop.signum                  # read once: a signal may land at any moment
     if ddp:
         dist.all_reduce(loss_sum)           # a NaN anywhere makes the sum NaN everywhere
         loss_sum /= world_size
@@ -475,15 +395,5 @@ while True:
 log(f"done: final train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
     f"(best {best_val_loss:.4f}) at iter {iter_num}, wall time {time.time() - t_start:.1f}s")
 if ddp:
-    # DDP gave every rank the same averaged gradients at every step, so the ranks must end with
-    # the same weights, bit for bit. Check it, and show it.
-    digest = hashlib.sha256()
-    for p in raw_model.parameters():
-        digest.update(p.detach().cpu().flatten().view(torch.uint8).numpy())
-    digests = [None] * world_size
-    dist.all_gather_object(digests, digest.hexdigest()[:16])
-    log(f"final weights, sha256 per rank: {' '.join(digests)}")
-    if len(set(digests)) > 1:
-        fail("the ranks ended with different weights: the processes fell out of step")
     dist.barrier()                          # leave together: gloo may abort a rank otherwise
     dist.destroy_process_group()

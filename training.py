@@ -1,0 +1,314 @@
+"""
+The plumbing of train.py, as plain functions of their arguments: the checks, the data, the
+checkpoint files, the random state, the stop signals and the learning-rate schedule. train.py
+keeps the training itself; everything here can be tested in process, without launching it.
+
+train.py runs the checks before it builds anything, so that a mistake costs a second and one
+line, not a traceback after minutes of training (or, worse, a run that trains the wrong thing
+without a word). Each stops with SystemExit(message), the message saying what was given, what
+is expected and what to do.
+"""
+
+import contextlib
+import errno
+import hashlib
+import math
+import os
+import runpy
+import signal
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from swat import CheckpointError, load_checkpoint
+
+
+def check_settings(settings):
+    """Stop on a setting of train.py that would crash training later or silently spoil it."""
+    def stop(key, expected):
+        raise SystemExit(f"--{key}={settings[key]}: expected {expected}")
+
+    if settings['init_from'] not in ('scratch', 'resume'):
+        stop('init_from', "'scratch' or 'resume'")
+    for key in ('batch_size', 'gradient_accumulation_steps', 'eval_iters', 'eval_interval',
+                'log_interval'):
+        if settings[key] < 1:               # counts of things that each step needs at least one of
+            stop(key, "1 or more")
+    # a negative count of steps means nothing; a negative rate (or decay) climbs the loss
+    for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr',
+                'weight_decay'):
+        if settings[key] < 0:
+            stop(key, "0 or more")
+    if settings['grad_clip'] < 0:           # clip_grad_norm_ would flip the gradient's sign
+        stop('grad_clip', "0 (no clipping) or the norm to clip the gradient at, e.g. 1.0")
+    for key in ('beta1', 'beta2'):
+        if not 0 <= settings[key] < 1:      # AdamW's decay rates: 1 divides by zero
+            stop(key, "a value in [0, 1), e.g. 0.9 or 0.95")
+    # (lr_decay_iters < warmup_iters is fine: get_lr goes from the warmup straight to min_lr)
+
+
+def micro_batches_per_process(total, world_size):
+    """(total, per_process) for gradient_accumulation_steps=total over world_size processes.
+
+    Every process must take the same number of micro-batches per optimizer step (DDP averages
+    the gradients once per step, over all of them), so a total that is not a multiple of
+    world_size is rounded up to the next one: 1 on 8 GPUs becomes 8, one micro-batch each."""
+    per_process = -(-total // world_size)  # ceil(total / world_size), in integers
+    return per_process * world_size, per_process
+
+
+def check_out_dir(out_dir, init_from):
+    """Make out_dir if needed and make sure that a checkpoint can be written there, before any
+    training; refuse to train from scratch over a checkpoint that is already there."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"out_dir={out_dir!r} is a file, not a folder: pass another --out_dir")
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if os.path.exists(ckpt_path) and not os.path.isfile(ckpt_path):
+        raise SystemExit(f"{ckpt_path} is not a file, so no checkpoint can be saved there: "
+                         f"move it away, or pass another --out_dir")
+    if init_from == 'scratch' and os.path.exists(ckpt_path):
+        raise SystemExit(f"{ckpt_path} exists and training from scratch would overwrite it: "
+                         f"continue it with --init_from=resume, or pass another --out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir):  # a file made and removed: we can write
+            pass
+    except OSError as e:                    # a file on the way, no permission, read-only disk
+        raise SystemExit(f"cannot write to out_dir={out_dir!r} ({e.strerror or e}): pass an "
+                         f"--out_dir you can write to") from None
+
+
+def save_checkpoint_file(checkpoint, path):
+    """torch.save(checkpoint, path) without ever leaving a broken file at path.
+
+    Write a temporary file next to it, force it onto the disk, then rename it over path: the
+    rename is atomic, so a crash mid-save leaves the previous checkpoint intact, never half a
+    file. If the save fails (a full disk), remove the half-written file and stop."""
+    tmp_path = path + '.tmp'
+    try:
+        with open(tmp_path, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)             # of no use, and it takes the space that is missing
+        reason = 'disk full' if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise SystemExit(f"cannot save the checkpoint {path} ({reason}); the previous one there, "
+                         f"if any, is intact: make room (or pick another --out_dir, with "
+                         f"ckpt.pt copied over) and continue with --init_from=resume") from None
+
+
+def check_token_file(path, block_size, vocab_size):
+    """Stop unless path is a file of uint16 token ids (2 bytes each), at least block_size + 1
+    of them (a sequence and its targets, shifted by one), all below vocab_size. One pass over
+    the file, once at the start; returns the number of tokens."""
+    remake = "make it again with the dataset's prepare.py"
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} is not a file: {remake}")
+    size = os.path.getsize(path)
+    if size == 0 or size % 2:
+        raise SystemExit(f"{path} has {size} bytes: expected a file of uint16 token ids, a "
+                         f"positive, even number of bytes; {remake}")
+    data = np.memmap(path, dtype=np.uint16, mode='r')
+    if len(data) < block_size + 1:
+        raise SystemExit(f"block_size={block_size} is too large for {path}, which holds "
+                         f"{len(data)} tokens (a batch needs block_size + 1): pass a smaller "
+                         f"--block_size")
+    largest = int(data.max())
+    if largest >= vocab_size:               # the embedding lookup would fail mid-training
+        raise SystemExit(f"{path} holds the token id {largest}, but the model has "
+                         f"vocab_size={vocab_size}: it was made by another tokenizer (or "
+                         f"--vocab_size is too small); {remake}")
+    return len(data)
+
+
+def mask_path(token_path):
+    """data/<dataset>/train.bin -> data/<dataset>/train_mask.bin: the file of its loss mask."""
+    return token_path[:-len('.bin')] + '_mask.bin'
+
+
+def check_mask_file(token_path, n_tokens, block_size, chunk=1 << 24):
+    """If token_path has a loss mask (see get_batch), stop unless it holds one byte, 0 or 1, per
+    token, and every sequence of block_size targets scores at least one (a batch that scores none
+    would have a NaN loss, and stop training as diverged). One pass, in chunks."""
+    path = mask_path(token_path)
+    if not os.path.exists(path):
+        return
+    if not os.path.isfile(path) or os.path.getsize(path) != n_tokens:
+        size = f"{os.path.getsize(path)} bytes" if os.path.isfile(path) else "not a file"
+        raise SystemExit(f"{path} is {size}, but {token_path} holds {n_tokens} tokens: expected "
+                         f"a loss mask of one byte (0 or 1) per token; make both files again")
+    mask = np.memmap(path, dtype=np.uint8, mode='r')
+    largest_gap, last_one = 0, 0            # between scored targets; mask[0] is never a target
+    for start in range(1, n_tokens, chunk):
+        part = mask[start:start + chunk]
+        if part.max() > 1:
+            raise SystemExit(f"{path} holds the byte {int(part.max())}: a loss mask holds 0 (not "
+                             f"scored) or 1 (scored) per token; make it again")
+        ones = np.flatnonzero(part) + start
+        if len(ones):
+            gaps = np.diff(ones, prepend=last_one)     # from the last scored target before
+            largest_gap = max(largest_gap, int(gaps.max()))
+            last_one = ones[-1]
+    largest_gap = max(largest_gap, n_tokens - last_one)
+    if largest_gap > block_size:            # a run of block_size unscored targets somewhere
+        raise SystemExit(f"{path} scores no target in {largest_gap - 1} tokens in a row, so a "
+                         f"sequence of block_size={block_size} may score none (a NaN loss): "
+                         f"score more tokens, or pass a larger --block_size")
+
+
+def get_batch(data_dir, split, key, seed, block_size, batch_size, micro_step=0, micro_batches=1,
+              device='cpu'):
+    """Micro-batch micro_step (batch_size sequences x, targets y) of the batch called `key` of
+    data_dir/{split}.bin.
+
+    The whole batch, micro_batches * batch_size random windows of the corpus, comes from a
+    generator seeded by (seed, split, key) alone: the same arguments give the same tokens in
+    every run and every process. So a resumed run reads exactly the batches the uninterrupted
+    run would have read, and the DDP ranks can share out one batch without talking.
+
+    With a loss mask data_dir/{split}_mask.bin (one uint8 per token), token i is scored as a
+    target only where mask[i] == 1: y[b, j] = data[i] for i = start_b + 1 + j, or -1 (which the
+    model's loss ignores) where mask[i] == 0."""
+    # Re-open the memmap for every batch: a memmap kept open grows in memory as pages are read.
+    path = os.path.join(data_dir, f'{split}.bin')
+    data = np.memmap(path, dtype=np.uint16, mode='r')
+    # a hash, so that neighbouring seeds or steps give unrelated generators
+    digest = hashlib.sha256(repr((seed, split, key)).encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], 'little'))
+    ix = torch.randint(len(data) - block_size, (micro_batches * batch_size,), generator=generator)
+    ix = ix[micro_step * batch_size:(micro_step + 1) * batch_size]
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    if os.path.exists(mask_path(path)):
+        mask = np.memmap(mask_path(path), dtype=np.uint8, mode='r')
+        scored = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + block_size] == 1) for i in ix])
+        y[~scored] = -1
+    if torch.device(device).type == 'cuda':
+        # pinned memory lets the copy to the GPU run asynchronously, overlapped with compute
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.to(device), y.to(device)
+
+
+def prepare_dataset(data_dir, ddp):
+    """Make data_dir/{train,val}.bin with data_dir/prepare.py if either is missing."""
+    bin_paths = [os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')]
+    if all(os.path.exists(p) for p in bin_paths):
+        return
+    dataset, prepare_script = os.path.basename(data_dir), os.path.join(data_dir, 'prepare.py')
+    if not os.path.exists(prepare_script):
+        raise SystemExit(f"dataset {dataset!r}: {bin_paths[0]} and {bin_paths[1]} are missing "
+                         f"and there is no {prepare_script} to make them")
+    if ddp:                                 # not N processes writing the same files at once
+        raise SystemExit(f"dataset {dataset!r} is not tokenized yet: run python {prepare_script} "
+                         f"first")
+    print(f"dataset {dataset!r} is not tokenized yet: running {prepare_script}")
+    saved_argv = sys.argv
+    sys.argv = [prepare_script]             # the script must not see our --key=value arguments
+    try:
+        runpy.run_path(prepare_script, run_name='__main__')
+    finally:
+        sys.argv = saved_argv
+
+
+# -----------------------------------------------------------------------------
+# resuming
+
+def load_for_resume(ckpt_path, device):
+    """The checkpoint train.py saved at ckpt_path, or SystemExit(one line naming the file) if it
+    is missing, empty, truncated, corrupt, or not one of train.py's."""
+    try:
+        return load_checkpoint(ckpt_path, device, required=(
+            'best_val_loss', 'iter_num', 'model', 'model_args', 'optimizer'))
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
+
+
+def merge_model_args(saved, given, changeable=('dropout',)):
+    """(args, messages): the model settings of a resumed run. The weights fix the model's shape
+    and kind, so the checkpoint's `saved` settings win over the `given` ones of the command line,
+    except those in `changeable`; messages say which given values were overruled. A setting the
+    checkpoint lacks (one added since it was written) keeps its given value."""
+    args, messages = dict(given), []
+    for k, v in saved.items():
+        if k in changeable:
+            continue
+        if k in given and given[k] != v:
+            messages.append(f"{k}={v!r} from the checkpoint (ignoring {k}={given[k]!r})")
+        args[k] = v                         # (an unknown key stays, for SWATConfig to refuse)
+    return args, messages
+
+
+def changed_settings(saved_config, config, ignore=('init_from',)):
+    """'key old -> new' for each setting of config that differs from the checkpoint's."""
+    return [f"{k} {v!r} -> {config[k]!r}" for k, v in saved_config.items()
+            if k in config and k not in ignore and config[k] != v]
+
+
+def rng_state(device_type, device):
+    """This process's random state, which decides the dropout masks to come."""
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None}
+
+
+def restore_rng_state(states, rank, world_size, device_type, device):
+    """Continue rank's random state from states (one rng_state per rank, as saved). False, and
+    nothing changed, when there is none to continue: an older checkpoint, or one saved by
+    another number of processes."""
+    if states is None or len(states) != world_size:
+        return False
+    torch.set_rng_state(states[rank]['torch'].cpu())
+    if device_type == 'cuda' and states[rank]['cuda'] is not None:
+        torch.cuda.set_rng_state(states[rank]['cuda'].cpu(), device)
+    return True
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+class StopFlag:
+    """Ctrl-C (SIGINT) and SIGTERM only raise a flag: .signum, 0 until a signal comes. Training
+    runs on to its next log step, where it saves a checkpoint and exits. The first signal puts
+    the default handler back, so a second Ctrl-C stops at once, without saving."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+        for s in self.SIGNALS:
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def restore(self):
+        """Put back the handlers there were before."""
+        for s, handler in self.previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def out_of_memory_advice(batch_size, block_size, gradient_accumulation_steps):
+    """What to change when a training step does not fit in the GPU's memory."""
+    if batch_size == 1:
+        return (f"one sequence of block_size={block_size} tokens does not fit; try a smaller "
+                f"block_size or model")
+    return (f"with batch_size={batch_size}, try --batch_size={batch_size // 2} "
+            f"--gradient_accumulation_steps={gradient_accumulation_steps * 2} (half the sequences "
+            f"per micro-batch, twice the micro-batches)")
+
+
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
+    """Learning rate at iteration it: linear warmup, then cosine decay to min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)   # 0 -> 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))                # 1 -> 0
+    return min_lr + coeff * (learning_rate - min_lr)
