@@ -30,7 +30,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import kernel
 from configurator import apply_overrides
-from kernel import swat_attention
+from kernel import attended_pairs, swat_attention
 from swat import SWAT, SWATConfig, alibi_slopes
 
 # -----------------------------------------------------------------------------
@@ -44,22 +44,24 @@ train_lengths = '4096,16384'
 train_window = 512
 train_tokens = 32768    # tokens per training step: batch size = train_tokens / length
 train_compile = 'blocks'  # 'blocks': each block on its own, as train.py; 'model': one graph
-apply_overrides(globals(), ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths',
-                            'mode', 'train_lengths', 'train_window', 'train_tokens',
-                            'train_compile'], sys.argv[1:])
-if mode not in ('attention', 'train'):
-    raise SystemExit(f"mode={mode!r}: expected 'attention' or 'train'")
-if train_compile not in ('blocks', 'model'):
-    raise SystemExit(f"train_compile={train_compile!r}: expected 'blocks' or 'model'")
+SETTINGS = ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths', 'mode',
+            'train_lengths', 'train_window', 'train_tokens', 'train_compile']
 # -----------------------------------------------------------------------------
 
-compiled_flex = torch.compile(flex_attention, dynamic=False)
+compiled_flex = torch.compile(flex_attention, dynamic=False)    # compiles at its first call
 
 
-def attended_pairs(T, window):
-    """sum over queries m of min(m + 1, window): the (query, key) pairs inside the window."""
-    w = min(window, T)
-    return w * (w + 1) // 2 + (T - w) * w
+def apply_settings(args):
+    """Apply --key=value arguments to the settings above; exit with one line on a bad value or
+    on a machine without a GPU. Run as a script only, so that importing bench runs nothing."""
+    apply_overrides(globals(), SETTINGS, args)
+    if mode not in ('attention', 'train'):
+        raise SystemExit(f"mode={mode!r}: expected 'attention' or 'train'")
+    if train_compile not in ('blocks', 'model'):
+        raise SystemExit(f"train_compile={train_compile!r}: expected 'blocks' or 'model'")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py times GPU kernels and needs a CUDA GPU, but torch sees none "
+                         "here; on a CPU, python bench_generate.py --device=cpu times generation")
 
 
 def flex_peers(slopes, window, T):
@@ -225,4 +227,5 @@ def training_throughput():
 
 
 if __name__ == '__main__':
+    apply_settings(sys.argv[1:])
     training_throughput() if mode == 'train' else main()

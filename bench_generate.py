@@ -1,97 +1,152 @@
 """
-Generation with the bounded KV cache next to the same model with an unbounded one, on one GPU.
+Generation speed and memory of SWAT's ring KV cache, next to its peers, on one GPU.
 
-    python bench_generate.py                            # 65536 tokens, bfloat16, on the GPU
-    python bench_generate.py --tokens=2000 --device=cpu
-    python bench_generate.py --compile=True             # the per-token forward compiled
-    python bench_generate.py --cache=bounded            # one of the two runs only
+    python bench_generate.py                                   # the table, bfloat16
+    python bench_generate.py --long_tokens=1000000             # + latency at token 1,000,000
+    python bench_generate.py --device=cpu --dtype=float32 --batch_sizes=1 --tokens=300
 
 The model is the default one (train.py's shape: 6 layers, 6 heads, 384 wide, window 128) with
-random weights, decoding greedily (top_k=1) from a short prompt. Peer: the same model whose
-caches keep every token (bounded=False). The attention still applies the window, so both compute
-the same thing; only the time per token and the memory can differ. Each run prints, as it goes,
-tokens/s over the 1k-token spans that end at 1k, at every multiple of 8k and at the end, with the
-peak GPU memory so far; a table of the first and last span closes the report.
+random weights, sampling (temperature 1, top_k 200) after a 16-token prompt. For each batch size
+and method it generates `tokens` tokens per row after a warm-up and reports the median tokens/s
+over spans of `span` tokens, and the median and 99th-percentile latency of single tokens:
+
+- graph:     SWAT.generate_tokens as sample.py runs it: the ring cache, one CUDA graph a token;
+- eager:     the same code with cuda_graph=False (every kernel launched from Python);
+- unbounded: the peer, a cache that keeps every token (torch.cat at every step, keys rotated
+             at their absolute positions, the window applied by a mask): what a KV cache without
+             SWAT's bound does. It lives here, not in the model: only this benchmark needs it.
+
+--long_tokens=N also runs the graph path at batch 1 for N tokens and compares the latency of
+tokens around 1,000 with those around N, and the peak memory at both.
 """
 
+import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from configurator import apply_overrides
-from swat import SWAT, SWATConfig
+from runtime import DTYPES, check_device
+from swat import SWAT, SWATConfig, apply_rope, sample
 
 # -----------------------------------------------------------------------------
-tokens = 65536          # tokens generated per run
-cache = 'both'          # 'bounded', 'unbounded' or 'both' (one after the other)
+batch_sizes = '1,8,64'  # rows generated together, comma-separated
+methods = 'graph,eager,unbounded'
+tokens = 2048           # tokens per row for each measurement, after a warm-up of 64
+span = 256              # tokens/s is measured over spans of this many tokens
+long_tokens = 0         # > 0: latency at token 1,000 against token long_tokens (graph, batch 1)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-compile = False         # torch.compile the model's cached forward, as sample.py --compile does
-apply_overrides(globals(), ['tokens', 'cache', 'device', 'compile'], sys.argv[1:])
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+apply_overrides(globals(), ['batch_sizes', 'methods', 'tokens', 'span', 'long_tokens', 'device',
+                            'dtype'], sys.argv[1:])
 # -----------------------------------------------------------------------------
 
-if tokens < 2000:
-    raise SystemExit(f"tokens={tokens}: generate at least 2000 tokens (the report uses 1k spans)")
-if cache not in ('bounded', 'unbounded', 'both'):
-    raise SystemExit(f"cache={cache!r}: expected 'bounded', 'unbounded' or 'both'")
-cuda = device.startswith('cuda')
-if cuda and not torch.cuda.is_available():
-    raise SystemExit("no CUDA GPU here; run with --device=cpu")
-if not cuda:
-    print("note: on the CPU in float32; the GPU memory columns stay empty")
-ctx = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
-runs = [(name, name == 'bounded') for name in ('bounded', 'unbounded') if cache in (name, 'both')]
 
-torch.manual_seed(0)
-model = SWAT(SWATConfig()).to(device).eval()      # random weights are fine for timing
-if compile:
-    model.forward_cached = torch.compile(model.forward_cached, dynamic=True)
-prompt = torch.randint(0, 50257, (1, 16), device=device)
-
-
-def sync():
+def synchronize():
     if cuda:
         torch.cuda.synchronize()
 
 
-def peak_mib():
-    return torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
+def unbounded_tokens(model, prompt, n, temperature=1.0, top_k=200):
+    """The peer: yield n tokens (B, 1) from a growing cache that keeps every key and value."""
+    cfg = model.config
+    H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+    keys, values = [None] * cfg.n_layer, [None] * cfg.n_layer      # (B, H, p + 1, D) each
+    cos, sin = model.rope_table(prompt.size(1) + n, prompt.device)
+
+    def step(token, p):                             # read token (B, 1) at position p
+        x = model.transformer.wte(token)
+        for layer, block in enumerate(model.transformer.h):
+            attn = block.attn
+            q, k, v = attn.c_attn(block.ln_1(x)).split(cfg.n_embd, dim=2)
+            q, k, v = (t.view(-1, 1, H, D).transpose(1, 2) for t in (q, k, v))
+            q, k = apply_rope(q, cos[p], sin[p]), apply_rope(k, cos[p], sin[p])
+            if p > 0:                               # the cache grows by one token a step
+                k, v = torch.cat([keys[layer], k], dim=2), torch.cat([values[layer], v], dim=2)
+            keys[layer], values[layer] = k, v
+            distance = torch.arange(p, -1, -1, device=x.device)
+            bias = (attn.slopes.float()[:, None] * distance).masked_fill(distance >= cfg.window,
+                                                                         float('-inf'))
+            logits = (q @ k.transpose(-2, -1)).float() * D ** -0.5 + bias[:, None, :]
+            weights = torch.sigmoid(logits) if attn.kind == 'sigmoid' else F.softmax(logits, -1)
+            y = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(-1, 1, cfg.n_embd)
+            x = x + attn.c_proj(y)
+            x = x + block.mlp(block.ln_2(x))
+        return model.lm_head(model.transformer.ln_f(x))[:, -1]
+
+    for p in range(prompt.size(1) - 1):
+        step(prompt[:, p:p + 1], p)
+    token, p = prompt[:, -1:], prompt.size(1) - 1
+    for _ in range(n):
+        token = sample(step(token, p), temperature, top_k)
+        p += 1
+        yield token
 
 
-def run(name, bounded, n, report=True):
-    """Generate n tokens. Times the 1k-token spans that end at 1k, at every multiple of 8k and
-    at n; prints each as it ends. Returns {end: (tokens/s over the span, peak MiB so far)}."""
+def token_stream(method, prompt, n):
+    if method == 'unbounded':
+        return unbounded_tokens(model, prompt, n)
+    return model.generate_tokens(prompt, n, temperature=1.0, top_k=200,
+                                 cuda_graph=(method == 'graph'))
+
+
+def measure(method, batch_size, n, latency_at=()):
+    """Generate 64 + n tokens per row; return (median tokens/s over spans, {t: latency of token
+    t in ms} for the 100 tokens around each t in latency_at, {t: peak MiB so far}). Per-token
+    latencies wait for each token; the spans do not (they wait only at their ends)."""
+    prompt = torch.randint(0, 50257, (batch_size, 16), device=device)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    ends = sorted({1000, n, *range(8192, n, 8192)})
-    starts = {end - 1000 for end in ends}
-    spans = {}
-    with ctx:
-        sync()
-        clock = {0: time.perf_counter()}
-        for t, _ in enumerate(model.generate_tokens(prompt, n, top_k=1, bounded=bounded), 1):
-            if t in starts or t in ends:          # synchronise here only, not at every token
-                sync()
-                clock[t] = time.perf_counter()
-                if t in ends:
-                    spans[t] = (1000 / (clock[t] - clock[t - 1000]), peak_mib())
-                    if report:
-                        memory = '' if spans[t][1] is None else f", peak {spans[t][1]:.1f} MiB"
-                        print(f"  {name}: tokens {t - 999}-{t}: {spans[t][0]:.1f} tokens/s{memory}",
-                              flush=True)
-    return spans
+    rates, latencies, peaks, last = [], {}, {}, None
+    timed = {t + d for t in latency_at for d in range(-50, 50)}
+    with torch.no_grad():
+        for t, _ in enumerate(token_stream(method, prompt, 64 + n), -63):
+            if t > 0 and (t % span == 0 or t in timed or t - 1 in timed):
+                synchronize()
+                now = time.perf_counter()
+                if t % span == 0 and last is not None and t - last[0] == span:
+                    rates.append(span * batch_size / (now - last[1]))
+                if t - 1 in timed and t in timed:
+                    latencies[t] = (now - last[1]) * 1000
+                    peaks[t] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else 0.0
+                last = (t, now)
+            elif t == 0:
+                synchronize()
+                last = (0, time.perf_counter())
+    return statistics.median(rates), latencies, peaks
 
 
-print(f"generating {tokens} tokens greedily, window {model.config.window}, "
-      f"{model.config.n_layer} layers, on {device}{', compiled' if compile else ''}")
-for name, bounded in runs:                      # warm up: kernels, allocator, autocast, compile
-    run(name, bounded, 2000, report=False)
-results = {name: run(name, bounded, tokens) for name, bounded in runs}
-print(f"{'cache':<10} {'tok/s first 1k':>15} {'tok/s last 1k':>14} "
-      f"{'peak MiB @1k':>13} {f'peak MiB @{tokens}':>17}")
-for name, spans in results.items():
-    memory = [f"{spans[t][1]:.1f}" if cuda else '-' for t in (1000, tokens)]
-    print(f"{name:<10} {spans[1000][0]:>15.1f} {spans[tokens][0]:>14.1f} {memory[0]:>13} "
-          f"{memory[1]:>17}")
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+cuda = check_device(device).type == 'cuda'   # a device that is not here: one line, not a traceback
+if dtype not in DTYPES:
+    raise SystemExit(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+sizes = [int(b) for b in batch_sizes.split(',')]
+names = methods.split(',')
+if set(names) - {'graph', 'eager', 'unbounded'} or tokens < 2 * span or min(sizes) < 1:
+    raise SystemExit("methods: graph, eager, unbounded; tokens >= 2 * span; batch sizes >= 1")
+torch.manual_seed(0)
+model = SWAT(SWATConfig()).to(device, DTYPES[dtype]).eval()
+print(f"{torch.cuda.get_device_name() if cuda else device}, torch {torch.__version__}, {dtype}; "
+      f"{model.config.n_layer} layers, window {model.config.window}, {tokens} tokens per row")
+print("| batch | method | tokens/s (median) | ms/token p50 | ms/token p99 | peak MiB |")
+print("|---|---|---|---|---|---|")
+for batch_size in sizes:
+    for method in names:
+        rate, latencies, peaks = measure(method, batch_size, tokens, latency_at=(tokens // 2,))
+        ms = list(latencies.values())
+        print(f"| {batch_size} | {method} | {rate:,.0f} | {percentile(ms, 0.5):.3f} | "
+              f"{percentile(ms, 0.99):.3f} | {max(peaks.values()):.1f} |", flush=True)
+if long_tokens:
+    _, latencies, peaks = measure('graph', 1, long_tokens, latency_at=(1000, long_tokens - 100))
+    for where in (1000, long_tokens - 100):
+        near = [t for t in latencies if abs(t - where) <= 50]
+        ms = [latencies[t] for t in near]
+        print(f"graph, batch 1, the 100 tokens around {where:,}: p50 {percentile(ms, 0.5):.3f} ms, "
+              f"p99 {percentile(ms, 0.99):.3f} ms, peak {max(peaks[t] for t in near):.1f} MiB")

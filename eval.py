@@ -18,7 +18,8 @@ stretch: early positions see little context, late ones up to L - 1 tokens. A len
 every document is skipped and shown as '-'. --max_tokens_per_length caps the tokens scored per
 length: max_tokens_per_length / L stretches, spread evenly over all documents (on Shakespeare,
 L = 32768 reads the first 32769 tokens of the two plays that long). It prints a markdown table (rows = checkpoints,
-columns = lengths) and plots loss against length into the PNG file --plot ('' for none).
+columns = lengths) and plots loss against length into the PNG file --plot (this needs
+matplotlib; --plot='' for the table alone).
 
 The window. --window=0 (default) reads each model with the window it was trained with; a model
 trained with window >= block_size never had a window (vanilla attention), so it reads with full
@@ -26,23 +27,24 @@ causal attention. --window=W reads with W instead, --window=-1 with full attenti
 do not depend on the window, so this only rebuilds the model around the same weights.
 
 Memory. A windowed model runs through its normal forward, in O(L * w): the fused kernel on a
-GPU, the chunked einsum reference on a CPU, chunked SDPA for softmax. With sinks it reads through
-the KV-cache path, w tokens at a time. Neither ever builds an L x L matrix. What does grow with L
-is the logits, B x L x 50304 values: --max_batch_tokens caps the tokens of one forward.
+GPU, the chunked einsum reference on a CPU, chunked SDPA for softmax, a chunked dense pass with
+sinks. None ever builds an L x L matrix, and the loss takes the logits 1024 positions at a time,
+never all B x L x 50304 of them. --max_batch_tokens caps the tokens of one forward.
 
     python eval.py --checkpoints=out --lengths=128,512,2048 --device=cpu --plot=''
 """
 
 import math
 import os
+import re
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from configurator import apply_overrides
-from swat import SWAT, KVCache, SWATConfig
+from runtime import setup_device_and_precision
+from swat import SWAT, CheckpointError, checkpoint_path, load_checkpoint
 from tokenizer import EOT
 
 # -----------------------------------------------------------------------------
@@ -56,11 +58,12 @@ batch_size = 8              # stretches per forward at most ...
 max_batch_tokens = 16384    # ... and at most this many tokens per forward (one stretch at least)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
-plot = 'eval.png'           # where to write the plot; '' for no plot
+plot = 'eval.png'           # where to write the plot (needs matplotlib); '' for no plot
 config_keys = ['checkpoints', 'dataset', 'lengths', 'window', 'sink_tokens', 'max_tokens_per_length',
                'batch_size', 'max_batch_tokens', 'device', 'dtype', 'plot']
 # -----------------------------------------------------------------------------
 FULL = -1                   # the window value that means full causal attention
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
 
 def parse_checkpoint(spec, default_window, default_sinks):
@@ -69,39 +72,73 @@ def parse_checkpoint(spec, default_window, default_sinks):
     settings = {'window': default_window, 'sinks': default_sinks}
     for option in options:
         key, _, value = option.partition('=')
-        if key not in settings or not value.lstrip('-').isdigit():
+        if key not in settings or not re.fullmatch(r'-?[0-9]+', value):
             raise SystemExit(f"checkpoint {spec!r}: bad option {option!r}; expected "
                              f"sinks=K or window=W after the path, e.g. out-swa:sinks=4")
         settings[key] = int(value)
-    return path, settings['window'], settings['sinks']
+    window, sinks = settings['window'], settings['sinks']
+    if window < FULL:
+        raise SystemExit(f"checkpoint {spec!r} would read with window={window}; expected a "
+                         f"window W >= 1, 0 (the model's own) or -1 (full attention)")
+    if sinks < 0:
+        raise SystemExit(f"checkpoint {spec!r} would read with sinks={sinks}; expected 0 or "
+                         f"more sink tokens")
+    return path, window, sinks
 
 
 def load_model(path, eval_window, full_window, device):
     """The model saved at path (an out_dir or a ckpt.pt), rebuilt to read with eval_window
     (0: its own, -1: full). Full attention is a window of full_window >= every length read.
     Returns the model (in eval mode) and its label for the table."""
-    ckpt_path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"no checkpoint at {ckpt_path}: train one with train.py first")
-    checkpoint = torch.load(ckpt_path, map_location=device)
-    args = dict(checkpoint['model_args'])
-    trained = args['window']
-    if eval_window == 0:
-        # a model trained with window >= block_size saw full causal attention in training
-        eval_window = FULL if trained >= args['block_size'] else trained
-    args['window'] = full_window if eval_window == FULL else eval_window
-    model = SWAT(SWATConfig(**args))
-    model.load_state_dict(checkpoint['model'])    # the weights do not depend on the window
-    model.eval().to(device)
+    try:
+        # first what it was trained with, then the model around the same weights with the
+        # window to read with (reading the file twice costs little next to the evaluation)
+        args = load_checkpoint(path)['model_args']
+        trained = args['window']
+        if eval_window == 0:
+            # a model trained with window >= block_size saw full causal attention in training
+            eval_window = FULL if trained >= args['block_size'] else trained
+        model, _ = SWAT.from_checkpoint(path, device,
+                                        window=full_window if eval_window == FULL else eval_window)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
 
     # label: the out_dir's name and what kind of model it is
-    name = os.path.basename(os.path.normpath(os.path.dirname(ckpt_path) or '.'))
+    name = os.path.basename(os.path.normpath(os.path.dirname(checkpoint_path(path)) or '.'))
     w = 'full' if eval_window == FULL else f"{eval_window}"
     if eval_window != trained and not (eval_window == FULL and trained >= args['block_size']):
         w += f" (trained {trained})"
     rope = 'rope' if args['rope'] else 'no rope'
     label = f"{name} ({args['attn']}, alibi {args['alibi']}, {rope}, w={w})"
     return model, label
+
+
+def check_matplotlib():
+    """--plot needs matplotlib: say so before any work, not after the evaluation."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"plot={plot!r} needs matplotlib, which is not installed: "
+                         f"pip install matplotlib, or --plot='' for the table only") from None
+
+
+def datasets():
+    """The datasets there are: the folders of data/ that have a prepare.py to make them."""
+    return sorted(name for name in os.listdir(DATA_DIR)
+                  if os.path.isfile(os.path.join(DATA_DIR, name, 'prepare.py')))
+
+
+def val_tokens(dataset):
+    """The token ids of data/<dataset>/val.bin, or SystemExit saying how to make them."""
+    path = os.path.join(DATA_DIR, dataset, 'val.bin')
+    if not os.path.exists(path):
+        if dataset in datasets():
+            raise SystemExit(f"no {path}: run python data/{dataset}/prepare.py first")
+        raise SystemExit(f"dataset={dataset!r}: there is no data/{dataset}/val.bin nor a "
+                         f"prepare.py to make it; the datasets are {', '.join(datasets())}")
+    if os.path.getsize(path) == 0:                # (np.memmap cannot map an empty file)
+        raise SystemExit(f"{path} is empty: run python data/{dataset}/prepare.py again")
+    return np.memmap(path, dtype=np.uint16, mode='r')
 
 
 # -----------------------------------------------------------------------------
@@ -136,13 +173,10 @@ def stretch_starts(docs, L, max_tokens):
 @torch.no_grad()
 def stretch_loss(model, x, y, sink_tokens=0):
     """Mean cross-entropy (nats/token) of the targets y (B, L) given the inputs x (B, L), all
-    positions, each row read in one pass. With sink_tokens > 0 the rows go through the KV-cache
-    path (w tokens at a time; the first sink_tokens tokens stay in view); without, through the
-    model's normal forward, which is O(L * w) for a windowed model."""
-    caches = None
-    if sink_tokens > 0:
-        caches = [KVCache(model.config.window, sink_tokens) for _ in model.transformer.h]
-    _, loss = model(x, y, caches=caches)
+    positions, each row read in one pass of the model's normal forward: O(L * w) for a windowed
+    model, and the loss in chunks, never all L x V logits. sink_tokens > 0 keeps the first
+    tokens in view too (StreamingLLM)."""
+    _, loss = model(x, y, sink_tokens=sink_tokens)
     return loss.item()
 
 
@@ -198,32 +232,38 @@ def plot_losses(path, labels, lengths, results, training_lengths, title):
     plt.close(fig)
 
 
-def main():
-    apply_overrides(globals(), config_keys)     # --key=value from the command line
-
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise SystemExit(f"dtype={dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
+def check_settings():
+    """The evaluation lengths and the checkpoints' (path, window, sinks), or SystemExit with one
+    line for a setting that cannot work: all checked before any work."""
+    if plot:
+        check_matplotlib()
     try:
         eval_lengths = [int(L) for L in lengths.split(',')]
     except ValueError:
         raise SystemExit(f"lengths={lengths!r}: expected comma-separated integers like 128,512")
     if not eval_lengths or min(eval_lengths) < 1:
         raise SystemExit(f"lengths={lengths!r}: every length must be at least 1")
-    specs = [spec for spec in checkpoints.split(',') if spec]
+    if batch_size < 1:
+        raise SystemExit(f"batch_size={batch_size}: expected 1 or more stretches per forward")
+    if max_batch_tokens < 1:
+        raise SystemExit(f"max_batch_tokens={max_batch_tokens}: expected 1 or more tokens per "
+                         f"forward (a stretch longer than that still runs, alone)")
+    if max_tokens_per_length < 0:
+        raise SystemExit(f"max_tokens_per_length={max_tokens_per_length}: expected 0 (all "
+                         f"tokens) or more")
+    specs = [parse_checkpoint(spec, window, sink_tokens) for spec in checkpoints.split(',') if spec]
     if not specs:
         raise SystemExit("checkpoints='': name at least one out_dir or ckpt.pt")
+    return eval_lengths, specs
 
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    device_type = 'cuda' if 'cuda' in device else 'cpu'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type,
-                                                                      dtype=ptdtype)
 
-    val_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset, 'val.bin')
-    if not os.path.exists(val_path):
-        raise SystemExit(f"no {val_path}: run data/{dataset}/prepare.py first")
-    tokens = np.memmap(val_path, dtype=np.uint16, mode='r')
+def main(args=None):
+    """Evaluate as the settings say; args: the --key=value overrides (default: sys.argv[1:])."""
+    apply_overrides(globals(), config_keys, args)
+    eval_lengths, specs = check_settings()
+    _, ctx = setup_device_and_precision(device, dtype)
+
+    tokens = val_tokens(dataset)
     docs = documents(tokens)
     starts = {L: stretch_starts(docs, L, max_tokens_per_length) for L in eval_lengths}
     print(f"{dataset} val: {len(tokens):,} tokens in {len(docs)} documents, the longest "
@@ -232,13 +272,10 @@ def main():
     # Load every model before evaluating any, so that a bad checkpoint or setting fails at once,
     # not after an hour of evaluation. (The models here are small: all of them fit together.)
     models = []
-    for spec in specs:
-        path, w, sinks = parse_checkpoint(spec, window, sink_tokens)
-        if w < -1 or sinks < 0:
-            raise SystemExit(f"{spec}: the window must be >= -1 and sinks >= 0")
+    for path, w, sinks in specs:
         model, label = load_model(path, w, max(eval_lengths), device)
         if sinks > 0 and model.config.window >= max(eval_lengths):
-            raise SystemExit(f"{spec}: sink tokens need a window shorter than the text; this model "
+            raise SystemExit(f"{path}: sink tokens need a window shorter than the text; this model "
                              f"reads with full attention, which sees the first tokens anyway")
         models.append((model, label + (f" +{sinks} sinks" if sinks else ''), sinks))
 

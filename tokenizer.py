@@ -18,6 +18,7 @@ silently producing a different tokenization.
 import base64
 import functools
 import hashlib
+import json
 import os
 
 import tiktoken
@@ -66,7 +67,8 @@ def gpt2_tokenizer():
 
 
 # -----------------------------------------------------------------------------
-# Writing a corpus as token ids, for the prepare.py scripts of the larger corpora.
+# Reading and writing corpora, for the prepare.py scripts. Their mistakes stop the script with
+# one line (SystemExit) that names the file, and the line where there is one.
 
 def progress(items, total, desc):
     """tqdm's progress bar if tqdm is installed, else a line every 1% or so."""
@@ -83,24 +85,53 @@ def progress(items, total, desc):
         return counted()
 
 
+def sample_documents(path):
+    """Yield (where, row) for each non-blank line of the JSON-lines file at path: row is the
+    line's JSON object, which has a string "text"; where is "path, line N", for messages."""
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise SystemExit(f"--sample={path} {what}: give a JSON-lines file, one "
+                         f'{{"text": ...}} per line')
+    with open(path, encoding="utf-8") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}, line {n}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f'{where}: not JSON ({e.msg}); expected one JSON object per '
+                                     f'line, like {{"text": "..."}}') from None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise SystemExit(f'{where}: expected a JSON object with a string "text", '
+                                     f'like {{"text": "..."}}')
+                yield where, row
+        except UnicodeDecodeError:
+            raise SystemExit(f"{path} is not UTF-8 text: save it as UTF-8") from None
+
+
 def write_token_bins(documents, out_dir, batch_size=256):
     """Tokenize ('train' or 'val', text) pairs into out_dir/train.bin and val.bin; return
     {split: (documents, tokens)}.
 
     The format is nanoGPT's: raw uint16 GPT-2 token ids (every id is < 50257 < 2**16, half the
     size of int32), each document followed by <|endoftext|>. Documents are encoded batch_size at
-    a time on all cores. Each bin is written to a .tmp file and renamed at the end, so an
-    interrupted run never leaves a half-written bin for train.py to pick up."""
+    a time on all cores. Each bin is written to a .tmp file and renamed over the old bin only
+    when both are complete and neither is empty: an interrupted run, a bad input or an empty
+    split leaves the bins that were there as they were, and no .tmp file behind."""
     import numpy as np
 
+    if not os.path.isdir(out_dir):
+        raise SystemExit(f"--out_dir={out_dir} is not a directory: create it first "
+                         f"(mkdir -p {out_dir}) or give another --out_dir")
     enc = gpt2_tokenizer()
     splits = ("train", "val")
-    files = {split: open(os.path.join(out_dir, f"{split}.bin.tmp"), "wb") for split in splits}
+    bins = {split: os.path.join(out_dir, f"{split}.bin") for split in splits}
     counts = {split: [0, 0] for split in splits}
     threads = os.cpu_count() or 1
-    batch = []
 
-    def write(batch):
+    def write(batch, files):
         for (split, _), ids in zip(batch, enc.encode_ordinary_batch([t for _, t in batch],
                                                                     num_threads=threads)):
             np.array(ids + [EOT], dtype=np.uint16).tofile(files[split])
@@ -108,18 +139,28 @@ def write_token_bins(documents, out_dir, batch_size=256):
             counts[split][1] += len(ids) + 1
 
     try:
-        for document in documents:
-            batch.append(document)
-            if len(batch) == batch_size:
-                write(batch)
-                batch = []
-        if batch:
-            write(batch)
-    finally:
-        for f in files.values():
-            f.close()
-    for split in splits:                    # all done: put the bins in place
-        os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
+        with open(bins["train"] + ".tmp", "wb") as train, open(bins["val"] + ".tmp", "wb") as val:
+            files = {"train": train, "val": val}
+            batch = []
+            for document in documents:
+                batch.append(document)
+                if len(batch) == batch_size:
+                    write(batch, files)
+                    batch = []
+            if batch:
+                write(batch, files)
+        empty = [f"{split}.bin" for split in splits if counts[split][0] == 0]
+        if empty:
+            read = sum(n for n, _ in counts.values())
+            raise SystemExit(f"no documents for {' or '.join(empty)} (of the {read} read): "
+                             f"train.bin and val.bin need at least one each; nothing was written")
+    except BaseException:       # an error, an empty split, Ctrl-C: remove the .tmp files
+        for path in bins.values():
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+        raise
+    for split in splits:        # all done: put the bins in place
+        os.replace(bins[split] + ".tmp", bins[split])
     for split, (n_documents, n_tokens) in counts.items():
         print(f"{split}: {n_documents:,} documents, {n_tokens:,} tokens -> {split}.bin")
     return {split: tuple(c) for split, c in counts.items()}

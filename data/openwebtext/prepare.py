@@ -20,28 +20,32 @@ and renamed at the end, so an interrupted run never leaves a half-written bin be
 --out_dir writes the bins elsewhere.
 """
 
-import argparse
 import itertools
-import json
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# tokenizer.py lives in the repo root, two levels up; make it importable from any cwd.
+# tokenizer.py and configurator.py live in the repo root, two levels up: make them importable
+# from any cwd.
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from tokenizer import progress, write_token_bins  # noqa: E402
+from configurator import apply_overrides  # noqa: E402
+from tokenizer import progress, sample_documents, write_token_bins  # noqa: E402
 
 HF_DATASET = "Skylion007/openwebtext"
 DOCUMENTS = 8013769                         # for the progress bar
 VAL_EVERY = 2000                            # every 2000th document is validation: ~0.05%
 
+# -----------------------------------------------------------------------------
+sample = ""             # a JSON-lines file to read instead of downloading ("": download)
+max_docs = 0            # at most this many documents (0: all)
+out_dir = HERE          # where to write train.bin and val.bin
+# -----------------------------------------------------------------------------
+
 
 def texts_from_sample(path):
     """Yield the "text" of each line of a JSON-lines file."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)["text"]
+    for _, row in sample_documents(path):
+        yield row["text"]
 
 
 def texts_from_hub(max_docs=0):
@@ -54,8 +58,10 @@ def texts_from_hub(max_docs=0):
         yield row["text"]
 
 
-def prepare(out_dir=HERE, sample=None, max_docs=0):
+def prepare(out_dir=HERE, sample="", max_docs=0):
     """Tokenize the documents into out_dir/{train,val}.bin; return {bin: (documents, tokens)}."""
+    if max_docs < 0:
+        raise SystemExit(f"--max_docs={max_docs}: expected 0 (all documents) or more")
     texts = texts_from_sample(sample) if sample else texts_from_hub(max_docs)
     documents = (("val" if i % VAL_EVERY == 0 else "train", text)
                  for i, text in enumerate(itertools.islice(texts, max_docs or None)))
@@ -63,9 +69,5 @@ def prepare(out_dir=HERE, sample=None, max_docs=0):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sample", help="read this JSON-lines file instead of downloading")
-    parser.add_argument("--max_docs", type=int, default=0, help="at most this many documents (0: all)")
-    parser.add_argument("--out_dir", default=HERE, help="where to write train.bin and val.bin")
-    args = parser.parse_args()
-    prepare(args.out_dir, args.sample, args.max_docs)
+    apply_overrides(globals(), ["sample", "max_docs", "out_dir"])     # --key=value
+    prepare(out_dir, sample, max_docs)

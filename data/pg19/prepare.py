@@ -19,15 +19,15 @@ the end, so an interrupted run never leaves a half-written bin for train.py to p
 with split "train" (the default) or "validation". --out_dir writes the bins elsewhere.
 """
 
-import argparse
-import json
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# tokenizer.py lives in the repo root, two levels up; make it importable from any cwd.
+# tokenizer.py and configurator.py live in the repo root, two levels up: make them importable
+# from any cwd.
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from tokenizer import progress, write_token_bins  # noqa: E402
+from configurator import apply_overrides  # noqa: E402
+from tokenizer import progress, sample_documents, write_token_bins  # noqa: E402
 
 # deepmind/pg19 is a loading script that downloads from Google Cloud Storage, and `datasets` >= 4
 # no longer runs loading scripts; emozilla/pg19 holds the same books and splits as parquet files.
@@ -35,20 +35,26 @@ HF_DATASET = "emozilla/pg19"
 SPLITS = {"train": "train", "validation": "val"}        # dataset split -> our bin
 BOOKS = {"train": 28602, "validation": 50}              # for the progress bar
 
+# -----------------------------------------------------------------------------
+sample = ""             # a JSON-lines file to read instead of downloading ("": download)
+max_docs = 0            # at most this many books per split (0: all)
+out_dir = HERE          # where to write train.bin and val.bin
+# -----------------------------------------------------------------------------
+
 
 def books_from_sample(path, max_docs=0):
     """Yield (bin, text) for each line of a JSON-lines file, at most max_docs per split."""
     seen = {"train": 0, "val": 0}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            split = SPLITS[row.get("split", "train")]
-            if max_docs and seen[split] >= max_docs:
-                continue
-            seen[split] += 1
-            yield split, row["text"]
+    for where, row in sample_documents(path):
+        hf_split = row.get("split", "train")
+        if hf_split not in SPLITS:
+            raise SystemExit(f'{where}: "split": {hf_split!r}; expected "train" or '
+                             f'"validation" (no "split" means train)')
+        split = SPLITS[hf_split]
+        if max_docs and seen[split] >= max_docs:
+            continue
+        seen[split] += 1
+        yield split, row["text"]
 
 
 def books_from_hub(max_docs=0):
@@ -64,16 +70,14 @@ def books_from_hub(max_docs=0):
             yield split, row["text"]
 
 
-def prepare(out_dir=HERE, sample=None, max_docs=0):
+def prepare(out_dir=HERE, sample="", max_docs=0):
     """Tokenize the books into out_dir/{train,val}.bin; return {bin: (books, tokens)}."""
+    if max_docs < 0:
+        raise SystemExit(f"--max_docs={max_docs}: expected 0 (all books) or more")
     books = books_from_sample(sample, max_docs) if sample else books_from_hub(max_docs)
     return write_token_bins(books, out_dir, batch_size=64)   # books are long: small batches
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sample", help="read this JSON-lines file instead of downloading")
-    parser.add_argument("--max_docs", type=int, default=0, help="at most this many books per split (0: all)")
-    parser.add_argument("--out_dir", default=HERE, help="where to write train.bin and val.bin")
-    args = parser.parse_args()
-    prepare(args.out_dir, args.sample, args.max_docs)
+    apply_overrides(globals(), ["sample", "max_docs", "out_dir"])     # --key=value
+    prepare(out_dir, sample, max_docs)

@@ -1,6 +1,7 @@
 """Tokenize the shipped Shakespeare plays into train.bin and val.bin.
 
     python data/shakespeare/prepare.py
+    python data/shakespeare/prepare.py --out_dir=/tmp/shakespeare   # the bins elsewhere
 
 Reads plays.tar.xz (next to this script), encodes every text with the GPT-2
 tokenizer and writes raw uint16 token ids, the nanoGPT format: load them with
@@ -16,19 +17,26 @@ import os
 import sys
 import tarfile
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-# tokenizer.py lives in the repo root, two levels up; make it importable from any cwd.
+# tokenizer.py and configurator.py live in the repo root, two levels up: make them importable
+# from any cwd.
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from tokenizer import EOT, gpt2_tokenizer  # noqa: E402
+from configurator import apply_overrides  # noqa: E402
+from tokenizer import write_token_bins  # noqa: E402
 
 ARCHIVE = os.path.join(HERE, "plays.tar.xz")
 VAL_PLAYS = {"hamlet_gut.txt", "lear_gut.txt", "macbeth_gut.txt", "tempest_gut.txt"}
 
+# -----------------------------------------------------------------------------
+out_dir = HERE          # where to write train.bin and val.bin
+# -----------------------------------------------------------------------------
+
 
 def read_plays(archive=ARCHIVE):
     """Return {file name: text} for every play in the archive."""
+    if not os.path.isfile(archive):
+        raise SystemExit(f"no {archive}: restore it with "
+                         f"`git checkout data/shakespeare/plays.tar.xz`")
     plays = {}
     with tarfile.open(archive, "r:xz") as tar:  # tarfile uses the stdlib lzma module
         for member in tar.getmembers():
@@ -38,22 +46,16 @@ def read_plays(archive=ARCHIVE):
 
 
 def prepare(out_dir=HERE):
-    enc = gpt2_tokenizer()
-    splits = {"train": [], "val": []}
+    """Tokenize the plays into out_dir/{train,val}.bin; return (train tokens, val tokens)."""
     plays = read_plays()
-    for name in sorted(plays):  # sorted: the output is the same on every machine
-        ids = enc.encode_ordinary(plays[name]) + [EOT]
-        split = "val" if name in VAL_PLAYS else "train"
-        splits[split].extend(ids)
-        print(f"{name:40s} {len(ids):8,d} tokens  {split}")
-    for split, ids in splits.items():
-        # every GPT-2 id is < 50257 < 2**16, so uint16 holds them at half the size of int32
-        np.array(ids, dtype=np.uint16).tofile(os.path.join(out_dir, f"{split}.bin"))
-    n_train, n_val = len(splits["train"]), len(splits["val"])
-    print(f"train: {n_train:,d} tokens, val: {n_val:,d} tokens "
-          f"({100 * n_val / (n_train + n_val):.1f}% val)")
+    documents = [("val" if name in VAL_PLAYS else "train", plays[name])
+                 for name in sorted(plays)]     # sorted: the output is the same on every machine
+    counts = write_token_bins(documents, out_dir, batch_size=64)
+    n_train, n_val = counts["train"][1], counts["val"][1]
+    print(f"{100 * n_val / (n_train + n_val):.1f}% of the tokens are validation")
     return n_train, n_val
 
 
 if __name__ == "__main__":
-    prepare()
+    apply_overrides(globals(), ["out_dir"])     # --key=value
+    prepare(out_dir)

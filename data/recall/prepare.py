@@ -1,0 +1,77 @@
+"""Write the recall benchmark's training data: train.bin, val.bin and their loss masks.
+
+    python data/recall/prepare.py                   # the default preset of recall.py
+    python data/recall/prepare.py --preset=tiny     # the toy one
+    python data/recall/prepare.py --out_dir=/tmp/recall
+
+The examples are recall.py's (see its docstring), a random mix of its three tasks: passkeys in
+text (the filler from data/shakespeare/train.bin here, and from the held-out plays of val.bin
+for val.bin) or in random tokens, and multi-query associative recall. Every example is exactly
+example_length = block_size + 1 tokens, and the examples are laid end to end.
+
+The files, in the format train.py reads:
+- {split}.bin: the token ids, uint16, as every dataset here.
+- {split}_mask.bin: one uint8 per token, 1 exactly on the answers, the only tokens the loss
+  scores; everything else (the facts, the filler, the questions) is context.
+- meta.json: the preset's settings these files were made with (recall.py checks them).
+
+Why whole examples. An answer can only be learnt from a sequence that also holds its fact. If
+train.py read sequences at random offsets, a sequence would start inside an example, and every
+answer whose fact lies before that start would train the model to guess: an answer d tokens
+after its fact loses it in a fraction d / example_length of the sequences that hold it, so
+about half of all answers here, and nearly all of the farthest. So train.py reads these files in whole examples
+(--example_length=block_size+1): the inputs are an example's first block_size tokens, the
+targets its last block_size, and every fact is in view of its answer.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# recall.py and configurator.py live in the repo root, two levels up: make them importable
+# from any cwd.
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from configurator import apply_overrides  # noqa: E402
+from recall import DATA_FIELDS, PRESETS, check_vocabulary, make_examples, shakespeare_tokens  # noqa: E402
+
+# -----------------------------------------------------------------------------
+preset = 'default'      # a preset of recall.py: the example length, the vocabulary, the counts
+out_dir = HERE          # where to write the files
+seed = 0                # the examples' random seed
+# -----------------------------------------------------------------------------
+
+
+def prepare(p, out_dir=HERE, seed=0):
+    """Write out_dir/{train,val}.bin, {train,val}_mask.bin and meta.json for the recall.Preset
+    p; return {split: (examples, answers)}. Each file goes to a .tmp first and is renamed when
+    complete, so an interrupted run leaves no half-written file for train.py to pick up."""
+    check_vocabulary(p)
+    os.makedirs(out_dir, exist_ok=True)
+    meta = os.path.join(out_dir, 'meta.json')
+    if os.path.exists(meta):
+        os.remove(meta)         # until the end, the files here belong to no preset
+    counts = {}
+    for i, (split, n) in enumerate((('train', p.train_examples), ('val', p.val_examples))):
+        rng = np.random.default_rng([seed, i])
+        tokens, answers = make_examples(None, rng, n, p, shakespeare_tokens(split))
+        for name, array in ((f'{split}.bin', tokens.astype(np.uint16)),
+                            (f'{split}_mask.bin', answers.astype(np.uint8))):
+            path = os.path.join(out_dir, name)
+            array.tofile(path + '.tmp')                 # flattened: the examples end to end
+            os.replace(path + '.tmp', path)
+        counts[split] = (n, int(answers.sum()))
+        print(f"{split}: {n:,} examples of {p.example_length} tokens, {counts[split][1]:,} "
+              f"answers -> {split}.bin, {split}_mask.bin")
+    with open(meta, 'w') as f:
+        json.dump({k: getattr(p, k) for k in DATA_FIELDS}, f)
+    return counts
+
+
+if __name__ == '__main__':
+    apply_overrides(globals(), ['preset', 'out_dir', 'seed'])     # --key=value
+    if preset not in PRESETS:
+        raise SystemExit(f"preset={preset!r}: expected one of {', '.join(PRESETS)}")
+    prepare(PRESETS[preset], out_dir, seed)
