@@ -3,7 +3,7 @@ Generation speed and memory of SWAT's ring KV cache, next to its peers, on one G
 
     python bench_generate.py                                   # the table, bfloat16
     python bench_generate.py --long_tokens=1000000             # + latency at token 1,000,000
-    python bench_generate.py --device=cpu --dtype=float32 --batch_sizes=1 --tokens=300
+    python bench_generate.py --device=cpu --dtype=float32 --batch_sizes=1 --tokens=256 --span=64
 
 The model is the default one (train.py's shape: 6 layers, 6 heads, 384 wide, window 128) with
 random weights, sampling (temperature 1, top_k 200) after a 16-token prompt. For each batch size
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import apply_overrides
-from runtime import DTYPES, check_device
+from runtime import DTYPES, check_device, synchronize
 from swat import SWAT, SWATConfig, apply_rope, sample
 
 # -----------------------------------------------------------------------------
@@ -42,11 +42,6 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 apply_overrides(globals(), ['batch_sizes', 'methods', 'tokens', 'span', 'long_tokens', 'device',
                             'dtype'], sys.argv[1:])
 # -----------------------------------------------------------------------------
-
-
-def synchronize():
-    if cuda:
-        torch.cuda.synchronize()
 
 
 def unbounded_tokens(model, prompt, n, temperature=1.0, top_k=200):
@@ -105,7 +100,7 @@ def measure(method, batch_size, n, latency_at=()):
     with torch.no_grad():
         for t, _ in enumerate(token_stream(method, prompt, 64 + n), -63):
             if t > 0 and (t % span == 0 or t in timed or t - 1 in timed):
-                synchronize()
+                synchronize(device)
                 now = time.perf_counter()
                 if t % span == 0 and last is not None and t - last[0] == span:
                     rates.append(span * batch_size / (now - last[1]))
@@ -114,7 +109,7 @@ def measure(method, batch_size, n, latency_at=()):
                     peaks[t] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else 0.0
                 last = (t, now)
             elif t == 0:
-                synchronize()
+                synchronize(device)
                 last = (0, time.perf_counter())
     return statistics.median(rates), latencies, peaks
 

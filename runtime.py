@@ -50,3 +50,24 @@ def setup_device_and_precision(device, dtype):
     if dtype == 'float32':
         return device_type, nullcontext()
     return device_type, torch.amp.autocast(device_type=device_type, dtype=DTYPES[dtype])
+
+
+# Peak dense bfloat16 tensor-core FLOP/s of one GPU, from NVIDIA's data sheets: the denominator
+# of the model FLOPs utilisation (MFU). The first name found in the device's name counts, so
+# 'H100 PCIe' comes before 'H100'.
+PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+
+
+def peak_bf16_flops(device):
+    """The peak of the GPU `device`; None for a GPU not in PEAK_BF16_FLOPS, or not a GPU."""
+    if device is None or torch.device(device).type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+
+
+def synchronize(device):
+    """Wait for the GPU to finish: CUDA runs asynchronously, so a clock read without this would
+    time only the launching of the work. Nothing to wait for on a CPU."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)

@@ -20,7 +20,7 @@ import time
 import torch
 
 from configurator import apply_overrides
-from runtime import DTYPES, setup_device_and_precision
+from runtime import DTYPES, setup_device_and_precision, synchronize
 from swat import SWAT, CheckpointError
 from tokenizer import gpt2_tokenizer
 
@@ -107,19 +107,12 @@ def decode_stream(enc, ids):
         yield text
 
 
-def synchronize(device_type):
-    """Wait for the GPU to finish: CUDA runs asynchronously, so a clock read without this
-    would time only the launching of the work."""
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-
-
 def main(args=None):
     """Sample as the settings say; args: the --key=value overrides (default: sys.argv[1:])."""
     apply_overrides(globals(), config_keys, args)
     check_settings()
     # the device before the checkpoint: --device=cuda on a machine without one fails here, clearly
-    device_type, _ = setup_device_and_precision(device, dtype)
+    setup_device_and_precision(device, dtype)
     enc = gpt2_tokenizer()
     start_ids = enc.encode(read_prompt(start), allowed_special={"<|endoftext|>"})
 
@@ -137,7 +130,7 @@ def main(args=None):
     settings = dict(temperature=temperature, top_k=top_k if top_k > 0 else None,
                     sink_tokens=sink_tokens)
     with torch.no_grad():
-        synchronize(device_type)
+        synchronize(device)
         t0 = time.perf_counter()
         if num_samples == 1:
             # stream: print each piece of text as soon as its token is sampled
@@ -152,7 +145,7 @@ def main(args=None):
             for k in range(num_samples):
                 print(decode(enc, y[k].tolist()))
                 print(SEPARATOR)
-        synchronize(device_type)
+        synchronize(device)
         dt = time.perf_counter() - t0
     print(f"{num_samples * max_new_tokens} tokens in {dt:.2f} s: "
           f"{num_samples * max_new_tokens / dt:.1f} tokens/s")

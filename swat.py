@@ -3,9 +3,10 @@ SWAT: a GPT whose attention sees only the last `window` tokens, weighs each of t
 independent sigmoid instead of a softmax, and tells near from far with balanced ALiBi on top of
 RoPE ("Sliding Window Attention Training for Efficient Large Language Models", Fu et al. 2025).
 
-Read top to bottom: config, ALiBi slopes, RoPE, the KV cache, attention, MLP, block, the model,
-and generation.
-Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H head size, V vocab size.
+Read top to bottom: the config, ALiBi slopes, RoPE, the KV cache, attention (Eq. 5 of the
+paper), MLP, block, the loss, checkpoints, the model, and generation.
+Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H head size, V vocab size,
+S = the KV cache's slots per layer.
 """
 
 import math
@@ -16,7 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernel import check_head_size, is_int, query_chunks, swat_attention, window_bias
+from kernel import (attended_pairs, check_head_size, is_int, query_chunks, swat_attention,
+                    window_bias)
+from runtime import peak_bf16_flops
 
 ATTENTION_KINDS = ('sigmoid', 'softmax')
 ALIBI_MODES = ('balanced', 'balanced_paper_code', 'negative', 'positive', 'none')
@@ -25,6 +28,12 @@ ALIBI_MODES = ('balanced', 'balanced_paper_code', 'negative', 'positive', 'none'
 def is_number(x):
     """True for an int or a float (nan and inf included); False for a bool, a str, None."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_sink_tokens(sink_tokens):
+    if not (is_int(sink_tokens) and sink_tokens >= 0):
+        raise ValueError(f"sink_tokens={sink_tokens!r} must be an integer >= 0 (the first "
+                         f"tokens kept in view; 0 = none)")
 
 
 @dataclass
@@ -151,9 +160,7 @@ class KVCache:
     of the next token to be read."""
 
     def __init__(self, config, batch_size, sink_tokens, device, dtype):
-        if not (is_int(sink_tokens) and sink_tokens >= 0):
-            raise ValueError(f"sink_tokens={sink_tokens!r} must be an integer >= 0 (the first "
-                             f"tokens kept in view; 0 = none)")
+        check_sink_tokens(sink_tokens)
         self.window, self.sinks = config.window, sink_tokens
         self.ring = max(config.window - 1, 1)
         H, D = config.n_head, config.n_embd // config.n_head
@@ -208,6 +215,8 @@ class KVCache:
 
 
 # -----------------------------------------------------------------------------
+# Attention. The sigmoid attention of the training forward is one call to the fused kernel;
+# next to it: the softmax baseline, and the sinks the KV cache keeps, for reading a whole text.
 
 def softmax_window_attention(q, k, v, slopes, window, chunk_size=1024):
     """The baseline: softmax sliding-window attention with the same ALiBi term, (B, H, T, D).
@@ -226,18 +235,18 @@ def softmax_window_attention(q, k, v, slopes, window, chunk_size=1024):
     return torch.cat(outputs, dim=2)
 
 
-def attention_with_sinks(q, k, v, rope, slopes, window, sinks, kind, chunk_size=256):
+def attention_with_sinks(q, k, v, cos_sin, slopes, window, sinks, kind, chunk_size=256):
     """StreamingLLM's attention sinks, for reading a text with the sinks the KV cache keeps:
     each query m sees its window and the first `sinks` tokens, placed just before the window
     (at the distance min(m, sinks + w - 1) - j for sink j). q, k: (B, H, T, D) before RoPE;
-    rope: the (cos, sin) table of positions 0 .. T-1, or None. Written out densely, a chunk of
+    cos_sin: RoPE's (cos, sin) for positions 0 .. T-1, or None. Written out densely, a chunk of
     queries at a time: the sinks are an evaluation option of the softmax baseline, not a path
     that needs the fused kernel."""
     T, scale = q.size(2), q.size(-1) ** -0.5
     sinks = min(sinks, T)                           # a text shorter than the sinks: all sinks
 
     def rotate(x, positions):                       # RoPE at the given positions
-        return x if rope is None else apply_rope(x, rope[0][positions], rope[1][positions])
+        return x if cos_sin is None else apply_rope(x, cos_sin[0][positions], cos_sin[1][positions])
 
     k_rotated = rotate(k, torch.arange(T, device=q.device))
     outputs = []
@@ -271,9 +280,9 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.register_buffer('slopes', alibi_slopes(config.n_head, config.alibi), persistent=False)
 
-    def forward(self, x, rope, sink_tokens=0, cache=None, layer=0):
-        """x (B, T, C) -> (B, T, C). rope: (cos, sin) for positions 0 .. T-1, or None. With a
-        cache (a prompt before generation), its keys and values fill the cache's layer."""
+    def forward(self, x, cos_sin, sink_tokens=0, cache=None, layer=0):
+        """x (B, T, C) -> (B, T, C). cos_sin: RoPE's (cos, sin) for positions 0 .. T-1, or None
+        (rope=False). With a cache (a prompt before generation), its layer takes k and v."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -281,13 +290,20 @@ class Attention(nn.Module):
             cache.fill(layer, k, v)
         slopes = self.slopes.float()
         if sink_tokens > 0:
-            y = attention_with_sinks(q, k, v, rope, slopes, self.window, sink_tokens, self.kind)
+            y = attention_with_sinks(q, k, v, cos_sin, slopes, self.window, sink_tokens, self.kind)
         else:
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cos_sin is not None:
+                q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
             if self.kind == 'sigmoid':
-                # Each key gets its own weight in (0, 1): no competition between keys, no
-                # normaliser, so a weight does not depend on how many other keys are in view.
+                # Eq. 5, for every query m at once:
+                #   o_m = sum over n in [m - w + 1, m] of sigmoid(q_m . k_n / sqrt(D) + s_h (m - n)) v_n
+                # q_m . k_n of the RoPE'd q and k (rotated just above), scaled by 1 / sqrt(D); s_h
+                # the head's slope (self.slopes) times the distance back m - n; keys outside the
+                # window or in the future weigh exactly 0. Each key gets its own weight in
+                # (0, 1): no competition between keys, no normaliser, so a weight does not
+                # depend on how many other keys are in view. The fused kernel computes the sum
+                # in O(T * w); swat_attention_reference in kernel.py is the same in einsums, and
+                # decode() below writes it out for one query.
                 y = swat_attention(q, k, v, slopes, self.window)
             else:
                 y = softmax_window_attention(q, k, v, slopes if self.has_alibi else None,
@@ -338,8 +354,8 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, sink_tokens=0, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), rope, sink_tokens, cache, layer)
+    def forward(self, x, cos_sin, sink_tokens=0, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cos_sin, sink_tokens, cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -404,10 +420,8 @@ def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
     return total / scored.sum()
 
 
-# Peak dense bfloat16 tensor-core FLOP/s of one GPU, from NVIDIA's data sheets (the first name
-# found in the device's name counts, so 'H100 PCIe' comes before 'H100'): the denominator of MFU.
-PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
-
+# -----------------------------------------------------------------------------
+# Checkpoints: what train.py saves, read back with one clear line for each way a file can be bad.
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which file and what to do."""
@@ -474,7 +488,8 @@ class SWAT(nn.Module):
         super().__init__()
         self.config = config
         # No position embedding: positions enter only through RoPE and ALiBi, both relative,
-        # so the model can read sequences of any length.
+        # so the model can read sequences of any length. The module names are GPT-2's (wte,
+        # c_attn, c_proj, ln_f, ...), as in nanoGPT, so that its readers find their way.
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
@@ -515,19 +530,15 @@ class SWAT(nn.Module):
         counted: MFU measures the model's FLOPs, not the kernel's."""
         cfg = self.config
         T = cfg.block_size if T is None else T
-        w = min(cfg.window, T)
-        keys_per_query = (w * (w + 1) // 2 + (T - w) * w) / T    # sum over m of min(m + 1, w), / T
+        keys_per_query = attended_pairs(T, cfg.window) / T       # sum over m of min(m + 1, w), / T
         attention = 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * keys_per_query
         return 6 * self.get_num_params() + attention
 
     def estimate_mfu(self, tokens_per_second, T=None, device=None):
         """Model FLOPs utilisation of one GPU training at tokens_per_second on sequences of T
         tokens: the FLOP/s the model needs over the GPU's peak dense bfloat16 FLOP/s. None for
-        a GPU whose peak is not in PEAK_BF16_FLOPS (or no GPU)."""
-        if device is None or torch.device(device).type != 'cuda':
-            return None
-        name = torch.cuda.get_device_name(device)
-        peak = next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+        a GPU whose peak is not known (runtime.peak_bf16_flops), or no GPU."""
+        peak = peak_bf16_flops(device)
         return None if peak is None else self.flops_per_token(T) * tokens_per_second / peak
 
     def forward(self, idx, targets=None, sink_tokens=0):
@@ -547,13 +558,11 @@ class SWAT(nn.Module):
         """The last layer's output, normalised, for every position of idx (B, T): (B, T, C).
         With a cache (a prompt before generation), each layer's keys and values fill it."""
         self.check_ids(idx)
-        if not (is_int(sink_tokens) and sink_tokens >= 0):
-            raise ValueError(f"sink_tokens={sink_tokens!r} must be an integer >= 0 (the first "
-                             f"tokens kept in view; 0 = none)")
+        check_sink_tokens(sink_tokens)
         x = self.transformer.drop(self.transformer.wte(idx))          # (B, T, C)
-        rope = self.rope_table(idx.size(1), idx.device)
+        cos_sin = self.rope_table(idx.size(1), idx.device)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, rope, sink_tokens, cache, layer)
+            x = block(x, cos_sin, sink_tokens, cache, layer)
         return self.transformer.ln_f(x)
 
     def check_ids(self, ids, targets=False, like=None):
@@ -687,7 +696,7 @@ def sample(logits, temperature, top_k):
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None:
-        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float('-inf'))
     gumbel = -torch.log(-torch.log(torch.rand_like(logits)))
     return (logits + gumbel).argmax(dim=-1, keepdim=True)
