@@ -57,6 +57,8 @@ dataset = 'shakespeare'     # reads data/<dataset>/train.bin and val.bin (see th
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, in total over all DDP ranks
 batch_size = 16             # sequences per micro-batch
 block_size = 512            # training sequence length: 4 x window, the paper's best ratio
+example_length = 0          # > 0: the corpus is a sequence of examples this long; every
+                            # sequence starts at one (data/recall: block_size + 1)
 # model: every setting named like a field of swat.SWATConfig
 window = 128                # keys each query sees, itself included
 n_layer = 6
@@ -150,10 +152,10 @@ except SystemExit as e:
 
 
 def train_batch(step, micro_step):
-    """This process's micro_step-th micro-batch of optimizer step `step`. The step's batch has
-    gradient_accumulation_steps micro-batches; rank r takes numbers r, r + world_size, ..."""
+    """This process's micro_step-th micro-batch of step `step`: rank r takes r, r + world_size..."""
     return get_batch(data_dir, 'train', step, seed, block_size, batch_size,
-                     micro_step * world_size + rank, gradient_accumulation_steps, device)
+                     micro_step * world_size + rank, gradient_accumulation_steps, device,
+                     example_length)
 
 
 # -----------------------------------------------------------------------------
@@ -182,8 +184,8 @@ except (ValueError, TypeError) as e:        # a bad model setting: say what, wit
 block_size = model_config.block_size        # the checkpoint's, when resuming: what get_batch reads
 try:
     for path in bin_paths:
-        check_mask_file(path, check_token_file(path, block_size, model_config.vocab_size),
-                        block_size)
+        n_tokens = check_token_file(path, block_size, model_config.vocab_size, example_length)
+        check_mask_file(path, n_tokens, block_size, example_length)
 except SystemExit as e:
     fail(e.code)
 model = SWAT(model_config)
@@ -250,7 +252,7 @@ def estimate_loss():
         total = torch.zeros((), device=device)
         for k in range(rank, eval_iters, world_size):
             X, Y = get_batch(data_dir, split, ('eval', k), seed, block_size, batch_size,
-                             device=device)
+                             device=device, example_length=example_length)
             with ctx:
                 _, loss = eval_model(X, Y)
             total += loss.float()
@@ -341,8 +343,7 @@ while True:
                 with ctx:
                     logits, loss = model(X, Y)
                     loss = loss / micro_steps   # the mean over this process's micro-batches
-                # fetch the next micro-batch while the GPU works: this step's next one, or
-                # the next step's first
+                # fetch the next micro-batch while the GPU works (this step's or the next's)
                 next_step, next_micro = (iter_num + 1, 0) if last else (iter_num, micro_step + 1)
                 X, Y = train_batch(next_step, next_micro)
                 scaler.scale(loss).backward()

@@ -102,10 +102,17 @@ def save_checkpoint_file(checkpoint, path):
                          f"ckpt.pt copied over) and continue with --init_from=resume") from None
 
 
-def check_token_file(path, block_size, vocab_size):
+def check_token_file(path, block_size, vocab_size, example_length=0):
     """Stop unless path is a file of uint16 token ids (2 bytes each), at least block_size + 1
-    of them (a sequence and its targets, shifted by one), all below vocab_size. One pass over
-    the file, once at the start; returns the number of tokens."""
+    of them (a sequence and its targets, shifted by one), all below vocab_size; with
+    example_length > 0 (see get_batch), a whole number of examples of that many tokens, each
+    long enough for a sequence and its targets. One pass over the file, once at the start;
+    returns the number of tokens."""
+    if example_length and example_length < block_size + 1:    # (a negative one too)
+        raise SystemExit(f"--example_length={example_length}: expected 0 (sequences at any "
+                         f"offset) or the length of the corpus's examples, at least block_size "
+                         f"+ 1 = {block_size + 1} (data/recall: --example_length="
+                         f"{block_size + 1})")
     remake = "make it again with the dataset's prepare.py"
     if not os.path.isfile(path):
         raise SystemExit(f"{path} is not a file: {remake}")
@@ -118,6 +125,11 @@ def check_token_file(path, block_size, vocab_size):
         raise SystemExit(f"block_size={block_size} is too large for {path}, which holds "
                          f"{len(data)} tokens (a batch needs block_size + 1): pass a smaller "
                          f"--block_size")
+    if example_length and len(data) % example_length:
+        raise SystemExit(f"{path} holds {len(data)} tokens, not a whole number of examples of "
+                         f"--example_length={example_length} ({len(data) % example_length} "
+                         f"left over): pass the example length the data was made with, or "
+                         f"--example_length=0")
     largest = int(data.max())
     if largest >= vocab_size:               # the embedding lookup would fail mid-training
         raise SystemExit(f"{path} holds the token id {largest}, but the model has "
@@ -131,10 +143,13 @@ def mask_path(token_path):
     return token_path[:-len('.bin')] + '_mask.bin'
 
 
-def check_mask_file(token_path, n_tokens, block_size, chunk=1 << 24):
+def check_mask_file(token_path, n_tokens, block_size, example_length=0, chunk=1 << 24):
     """If token_path has a loss mask (see get_batch), stop unless it holds one byte, 0 or 1, per
-    token, and every sequence of block_size targets scores at least one (a batch that scores none
-    would have a NaN loss, and stop training as diverged). One pass, in chunks."""
+    token, and every sequence get_batch may read scores at least one of its block_size targets
+    (a batch that scores none would have a NaN loss, and stop training as diverged): with
+    example_length=0 every run of block_size targets, else every example's targets, its
+    positions 1 .. block_size (n_tokens a multiple of example_length: check_token_file checks);
+    between examples, the unscored gaps may be longer than block_size. One pass, in chunks."""
     path = mask_path(token_path)
     if not os.path.exists(path):
         return
@@ -144,25 +159,40 @@ def check_mask_file(token_path, n_tokens, block_size, chunk=1 << 24):
                          f"a loss mask of one byte (0 or 1) per token; make both files again")
     mask = np.memmap(path, dtype=np.uint8, mode='r')
     largest_gap, last_one = 0, 0            # between scored targets; mask[0] is never a target
-    for start in range(1, n_tokens, chunk):
-        part = mask[start:start + chunk]
+    step = max(1, chunk // example_length) * example_length if example_length else chunk
+    for start in range(0 if example_length else 1, n_tokens, step):
+        part = mask[start:start + step]
         if part.max() > 1:
             raise SystemExit(f"{path} holds the byte {int(part.max())}: a loss mask holds 0 (not "
                              f"scored) or 1 (scored) per token; make it again")
+        if example_length:                  # whole examples: every one must score a target
+            empty = np.flatnonzero(~part.reshape(-1, example_length)[:, 1:block_size + 1]
+                                   .any(axis=1))
+            if len(empty):
+                k = start // example_length + int(empty[0])
+                raise SystemExit(f"{path} scores no target of example {k} (tokens "
+                                 f"{k * example_length + 1}..{k * example_length + block_size} "
+                                 f"with --example_length={example_length}), so its sequence "
+                                 f"would score none (a NaN loss): make the files again with an "
+                                 f"answer in every example, or pass the data's --example_length")
+            continue
         ones = np.flatnonzero(part) + start
         if len(ones):
             gaps = np.diff(ones, prepend=last_one)     # from the last scored target before
             largest_gap = max(largest_gap, int(gaps.max()))
             last_one = ones[-1]
+    if example_length:
+        return
     largest_gap = max(largest_gap, n_tokens - last_one)
     if largest_gap > block_size:            # a run of block_size unscored targets somewhere
         raise SystemExit(f"{path} scores no target in {largest_gap - 1} tokens in a row, so a "
                          f"sequence of block_size={block_size} may score none (a NaN loss): "
-                         f"score more tokens, or pass a larger --block_size")
+                         f"score more tokens, pass a larger --block_size, or read a corpus "
+                         f"of examples whole (--example_length)")
 
 
 def get_batch(data_dir, split, key, seed, block_size, batch_size, micro_step=0, micro_batches=1,
-              device='cpu'):
+              device='cpu', example_length=0):
     """Micro-batch micro_step (batch_size sequences x, targets y) of the batch called `key` of
     data_dir/{split}.bin.
 
@@ -170,6 +200,10 @@ def get_batch(data_dir, split, key, seed, block_size, batch_size, micro_step=0, 
     generator seeded by (seed, split, key) alone: the same arguments give the same tokens in
     every run and every process. So a resumed run reads exactly the batches the uninterrupted
     run would have read, and the DDP ranks can share out one batch without talking.
+
+    example_length > 0: the corpus is a sequence of examples of that many tokens (at least
+    block_size + 1), and every window starts at one, so that no sequence cuts an example
+    (data/recall: a fact and the answer that needs it stay together).
 
     With a loss mask data_dir/{split}_mask.bin (one uint8 per token), token i is scored as a
     target only where mask[i] == 1: y[b, j] = data[i] for i = start_b + 1 + j, or -1 (which the
@@ -180,7 +214,12 @@ def get_batch(data_dir, split, key, seed, block_size, batch_size, micro_step=0, 
     # a hash, so that neighbouring seeds or steps give unrelated generators
     digest = hashlib.sha256(repr((seed, split, key)).encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], 'little'))
-    ix = torch.randint(len(data) - block_size, (micro_batches * batch_size,), generator=generator)
+    if example_length > 0:                  # the start of a random example
+        ix = torch.randint(len(data) // example_length, (micro_batches * batch_size,),
+                           generator=generator) * example_length
+    else:
+        ix = torch.randint(len(data) - block_size, (micro_batches * batch_size,),
+                           generator=generator)
     ix = ix[micro_step * batch_size:(micro_step + 1) * batch_size]
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])

@@ -1,0 +1,596 @@
+"""
+A recall benchmark: how far back can each model still find a fact?
+
+A fact is written once, and the question that needs it comes exactly d tokens later. A model
+whose attention sees the last w tokens can read the fact directly while d < w; with n_layer
+layers, information can be relayed further, up to d < 1 + (w - 1) * n_layer (the receptive
+field); beyond that nothing of the fact can reach the question, and the best a model can do is
+guess. The benchmark trains one small model of every kind on the task and measures its accuracy
+against d in the three bands.
+
+    python recall.py                                # everything: data, 21 trainings, table, plot
+    python recall.py --action=commands              # print the commands instead, to run elsewhere
+    python recall.py --action=eval                  # table and plot from the trained checkpoints
+    python recall.py --preset=tiny --device=cpu     # the whole pipeline at a toy size, on a CPU
+
+The tasks, generated on the fly (no downloads), the answers given as single tokens:
+- passkey: `FACT key value`, filler, `QUERY key` -> value. One fact per example. The filler is
+  real text (Shakespeare: data/shakespeare/train.bin for training, the held-out plays of val.bin
+  for evaluation) or random tokens.
+- mqar, multi-query associative recall (Arora et al. 2023, "Zoology"): n_pairs `key value`
+  pairs among random tokens, every key written again later -> its value. As in Zoology, keys and
+  values come from disjoint vocabularies and the second occurrence of a key is the query; unlike
+  Zoology, each query sits at a chosen distance from its pair (there: a power-law gap).
+
+The distance d of a question is measured the way attention sees it: from the position whose
+output must be the answer (the query's key) back to the fact's value token. The query sees that
+token directly iff d <= w - 1.
+
+Scoring counts the answers only: at each answer position the prediction is the value whose
+logit is highest, among the n_values values (so a model that knows nothing scores exactly the
+chance 1 / n_values, whatever it does with the other tokens). Each model is trained by the
+ordinary train.py on data/recall (written by data/recall/prepare.py), where the loss mask scores
+the answer tokens only: every example is block_size + 1 tokens and train.py reads whole examples
+(--example_length). Training sees all distances, log-uniformly; evaluation uses fresh examples, the
+same ones for every model, at fixed distances in each band.
+
+The rows: full attention, softmax sliding-window attention (SWA), SWA read with 4 attention
+sinks (StreamingLLM; the same checkpoints), and SWAT with each ALiBi mode, every one trained with
+each of the preset's seeds. The output: per task, accuracy (mean +- std over the seeds) against
+distance as a markdown table (printed, and written next to the plot as .md) and a PNG with the
+window and the receptive field drawn in. --action=eval scores the trainings that have finished
+and says which have not; --action=train skips the finished ones and resumes the others.
+
+Time, default preset, one H200 (measured: eager, bfloat16): trainings running 4 at a time took
+105-125 ms per step each, 2 at a time 56-59 ms, about 570k tokens/s together either way, so the
+GPU is the limit, not the number of jobs. All of them are 7 kinds x 3 seeds x 1200 steps x
+16,384 tokens = 413M tokens, about 730 s at that rate; with the data (15 s), the start-ups and
+the evaluation, about 14 minutes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from configurator import apply_overrides
+from eval import load_model
+from runtime import setup_device_and_precision
+from swat import CheckpointError, load_checkpoint
+from training import prepare_dataset
+
+# -----------------------------------------------------------------------------
+preset = 'default'          # a name from PRESETS: the models, the task, the trainings, the seeds
+action = 'all'              # 'commands' (print them), 'train', 'eval', or 'all' (train, then eval)
+out_root = 'out-recall'     # the checkpoints go to out_root/<training>-s<seed>
+jobs = 7 if torch.cuda.is_available() else 1  # trainings at the same time (they share the GPU)
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+plot = 'recall.png'         # the plot (PNG; the table goes next to it, as .md); '' for none
+config_keys = ['preset', 'action', 'out_root', 'jobs', 'device', 'dtype', 'plot']
+# -----------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(ROOT, 'data', 'recall')
+ACTIONS = ('commands', 'train', 'eval', 'all')
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One benchmark: the models' shape, the task, the trainings and the evaluation."""
+    # the models: every kind gets this shape; `window` is that of the windowed ones
+    n_layer: int
+    n_head: int
+    n_embd: int
+    window: int
+    block_size: int             # the length of an example, less one (inputs and their targets)
+    # the task
+    n_keys: int                 # keys are KEY_BASE + 0 .. n_keys - 1
+    n_values: int               # values are VALUE_BASE + 0 .. n_values - 1; chance = 1 / n_values
+    n_pairs: int                # key-value pairs in an mqar example
+    train_examples: int         # examples in data/recall/train.bin (a mix of the tasks) ...
+    val_examples: int           # ... and in val.bin (train.py's validation loss)
+    # the trainings
+    max_iters: int
+    batch_size: int
+    learning_rate: float
+    warmup_iters: int
+    seeds: tuple                # one training of every kind per seed
+    # the evaluation
+    points_per_band: int        # distances evaluated in each band, its edges included
+    eval_examples: int          # examples per task and distance
+
+    @property
+    def example_length(self):
+        return self.block_size + 1
+
+    @property
+    def max_distance(self):
+        """The largest distance evaluated. There, the value of a pair can sit at any of
+        4 * n_pairs + 1 spots (its query and answer must fit after it), twice the 2 * n_pairs
+        tokens all the pairs take: placed at random, they find room (or make_example says
+        so: for examples shorter than about 18 * n_pairs they might not)."""
+        return self.example_length - 3 - 4 * self.n_pairs
+
+
+PRESETS = {
+    # 4 layers of 256 (4 heads of 64), w = 64: receptive field 253 tokens; examples of 8 windows
+    'default': Preset(n_layer=4, n_head=4, n_embd=256, window=64, block_size=512,
+                      n_keys=256, n_values=256, n_pairs=16, train_examples=50_000,
+                      val_examples=1_000, max_iters=1200, batch_size=32, learning_rate=1e-3,
+                      warmup_iters=100, seeds=(1, 2, 3), points_per_band=4, eval_examples=200),
+    # a toy to try the pipeline on a CPU in minutes: the numbers mean nothing
+    'tiny': Preset(n_layer=2, n_head=2, n_embd=32, window=8, block_size=64,
+                   n_keys=32, n_values=32, n_pairs=4, train_examples=2_000, val_examples=200,
+                   max_iters=200, batch_size=16, learning_rate=1e-3, warmup_iters=20,
+                   seeds=(1,), points_per_band=3, eval_examples=32),
+}
+# The fields that fix the data: data/recall/meta.json records them, to tell stale data.
+DATA_FIELDS = ('block_size', 'n_keys', 'n_values', 'n_pairs', 'train_examples', 'val_examples')
+
+# The trainings: out_dir name -> the train.py settings of that kind of model. window=None means
+# a window as long as the examples: full causal attention.
+TRAININGS = {
+    'vanilla': dict(attn='softmax', alibi='none', window=None),
+    'swa': dict(attn='softmax', alibi='none'),
+    'swat': dict(attn='sigmoid', alibi='balanced'),
+    'swat-negative': dict(attn='sigmoid', alibi='negative'),
+    'swat-positive': dict(attn='sigmoid', alibi='positive'),
+    'swat-nonalibi': dict(attn='sigmoid', alibi='none'),
+    'swat-paper-code': dict(attn='sigmoid', alibi='balanced_paper_code'),
+}
+# The rows of the table: (label, training, sink tokens). A row with sinks reads the checkpoints
+# of its training once more, keeping the first tokens of every example in view.
+READINGS = [
+    ('full attention (vanilla)', 'vanilla', 0),
+    ('softmax SWA', 'swa', 0),
+    ('softmax SWA + 4 sinks', 'swa', 4),
+    ('SWAT: sigmoid, balanced ALiBi', 'swat', 0),
+    ('sigmoid, negative ALiBi', 'swat-negative', 0),
+    ('sigmoid, positive ALiBi', 'swat-positive', 0),
+    ('sigmoid, no ALiBi', 'swat-nonalibi', 0),
+    ("sigmoid, balanced, the paper code's slopes", 'swat-paper-code', 0),
+]
+
+# -----------------------------------------------------------------------------
+# The vocabulary: GPT-2 token ids, so that text filler needs no other tokenizer and the models
+# are ordinary GPT-2-vocabulary models. What the ids spell does not matter (the models learn the
+# task from scratch); they only have to be told apart.
+FACT, QUERY = 50257, 50258  # passkey markers: ids of GPT-2's padding, which no text ever holds
+KEY_BASE = 30000            # keys: KEY_BASE + 0 .. n_keys - 1
+VALUE_BASE = 40000          # values: VALUE_BASE + 0 .. n_values - 1
+MAX_IDS = 10000             # room for keys (and for values) in those ranges
+RANDOM_FILLER = (1000, 30000)  # random filler: uniform over these ids (no key, no value among them)
+SPACE = 220                 # ' ': stands in for a key or value id that shows up in text filler
+TASKS = ('passkey_text', 'passkey_random', 'mqar')
+TASK_TITLES = {'passkey_text': 'passkey, text filler', 'passkey_random': 'passkey, random filler',
+               'mqar': 'multi-query associative recall'}
+MIN_DISTANCE = 2            # a passkey's `QUERY key` can follow its fact at once: d = 2
+EVAL_SEED = 20250531        # the evaluation examples: the same for every model and every run
+
+
+# -----------------------------------------------------------------------------
+# The geometry: where a distance lies for a model with window w and n_layer layers
+
+def receptive_field(window, n_layer):
+    """How many tokens the last position can draw on through n_layer layers of window w,
+    itself included: 1 + (w - 1) * n_layer (SWAT.receptive_field, for a shape without a model).
+    A fact at distance d can reach the question only if d < receptive_field."""
+    return 1 + (window - 1) * n_layer
+
+
+def band(distance, window, n_layer):
+    """Where a fact at `distance` lies: 'inside the window' (the question sees it directly),
+    'inside the receptive field' (only layers relaying it can bring it) or 'beyond the receptive
+    field' (nothing can)."""
+    if distance < window:
+        return 'inside the window'
+    if distance < receptive_field(window, n_layer):
+        return 'inside the receptive field'
+    return 'beyond the receptive field'
+
+
+def band_distances(window, n_layer, max_distance, per_band, min_distance=MIN_DISTANCE):
+    """The distances to evaluate: per_band of them spread evenly over each band, both edges
+    included, so that the steps at d = w and at d = receptive field show: [min_distance, w - 1],
+    [w, rf - 1], [rf, max_distance]. A band above max_distance is left out."""
+    rf = receptive_field(window, n_layer)
+    distances = []
+    for low, high in ((min_distance, window - 1), (window, rf - 1), (rf, max_distance)):
+        high = min(high, max_distance)
+        if low <= high:
+            distances += np.linspace(low, high, per_band).round().astype(int).tolist()
+    return sorted(set(distances))
+
+
+# -----------------------------------------------------------------------------
+# The examples. Each is an array of example_length tokens and a mask of its answer positions.
+# It starts as filler; then each fact and its question are written over it at random free spots
+# exactly d apart, and the answer after the question is marked.
+
+def check_vocabulary(p):
+    """Stop unless the preset's keys and values fit their id ranges."""
+    for name in ('n_keys', 'n_values'):
+        if not 1 <= getattr(p, name) <= MAX_IDS:
+            raise SystemExit(f"{name}={getattr(p, name)}: expected 1 .. {MAX_IDS}")
+    if p.n_pairs > p.n_keys:
+        raise SystemExit(f"n_pairs={p.n_pairs} needs as many distinct keys: n_keys={p.n_keys}")
+
+
+def is_task_id(tokens, p):
+    """Which of tokens are keys or values of preset p."""
+    return (((tokens >= KEY_BASE) & (tokens < KEY_BASE + p.n_keys))
+            | ((tokens >= VALUE_BASE) & (tokens < VALUE_BASE + p.n_values)))
+
+
+def filler(task, rng, length, p, text):
+    """length filler tokens: a random stretch of the token array `text` for passkey_text (a key
+    or value id in it would be a false fact: it becomes a space), random ids otherwise."""
+    if task == 'passkey_text':
+        start = rng.integers(len(text) - length + 1)
+        stretch = np.array(text[start:start + length], dtype=np.int64)
+        return np.where(is_task_id(stretch, p), SPACE, stretch)
+    return rng.integers(*RANDOM_FILLER, size=length)
+
+
+def place(tokens, free, rng, fact, question, distance):
+    """Write `fact` (ending with its value) and `question` (ending with the key; the answer, the
+    value, follows it) over tokens at a random spot where every position is still free, with the
+    question's key `distance` positions after the fact's value. Returns the answer's position,
+    or None if there is no such spot."""
+    a, b = len(fact), len(question)
+    if distance < b:
+        raise ValueError(f"distance={distance}: a question of {b} tokens would overlap its fact")
+    # f: the fact's value. The fact takes f-a+1 .. f; the question q-b+1 .. q and the answer q+1,
+    # with q = f + distance, and the answer must be inside the example.
+    f = np.arange(a - 1, len(tokens) - 1 - distance)
+    ok = np.ones(len(f), dtype=bool)
+    for k in range(a):
+        ok &= free[f - k]
+    for k in range(-1, b):
+        ok &= free[f + distance - k]
+    if not ok.any():
+        return None
+    f = rng.choice(f[ok])
+    q = f + distance
+    tokens[f - a + 1:f + 1] = fact
+    tokens[q - b + 1:q + 1] = question
+    tokens[q + 1] = fact[-1]
+    free[f - a + 1:f + 1] = free[q - b + 1:q + 2] = False
+    return q + 1
+
+
+def make_example(task, rng, p, text=None, distance=None):
+    """(tokens, answers) of one example of task: example_length token ids (int64) and a bool
+    mask, True exactly at the answer tokens.
+
+    distance=None (training): each fact at a distance drawn log-uniformly from all that fit in
+    the example; a fact that finds no room is left out. distance=d (evaluation): every fact at d,
+    all n_pairs of them, or a ValueError."""
+    length = p.example_length
+    tokens, free = filler(task, rng, length, p, text), np.ones(length, dtype=bool)
+    answers = np.zeros(length, dtype=bool)
+    n = p.n_pairs if task == 'mqar' else 1
+    keys = KEY_BASE + rng.choice(p.n_keys, n, replace=False)   # distinct: every query has one fact
+    values = VALUE_BASE + rng.integers(p.n_values, size=n)
+    if task == 'mqar':      # Zoology's pairs `key value`, and later `key` -> value
+        facts, questions = [[k, v] for k, v in zip(keys, values)], [[k] for k in keys]
+    else:                   # a passkey: `FACT key value`, and later `QUERY key` -> value
+        facts, questions = [[FACT, k, v] for k, v in zip(keys, values)], [[QUERY, k] for k in keys]
+    if distance is None:
+        # Log-uniform from MIN_DISTANCE to the longest that fits (the fact's first token at
+        # position 0, the answer at the last one), as Zoology draws its gaps from a power law:
+        # as many facts 2-4 tokens back as 256-512, so that a windowed model too meets plenty of
+        # questions it can answer, and every band is trained. The longest are placed first,
+        # while there is most room.
+        longest = length - 1 - len(facts[0])
+        distances = np.exp(rng.uniform(np.log(MIN_DISTANCE), np.log(longest + 1), size=n))
+        distances = np.sort(distances.astype(int))[::-1]
+    else:
+        distances = np.full(n, distance)
+    for fact, question, d in zip(facts, questions, distances):
+        where = place(tokens, free, rng, fact, question, d)
+        if where is None and distance is not None:
+            raise ValueError(f"{task}: no room for {n} facts at distance {d} in {length} tokens: "
+                             f"evaluate shorter distances or fewer pairs")
+        if where is not None:
+            answers[where] = True
+    return tokens, answers
+
+
+def make_examples(task, rng, n, p, text=None, distance=None):
+    """n examples of task stacked: tokens (n, example_length) int64, answers (n, example_length)
+    bool. task=None draws the task of each example at random: the training mix."""
+    pairs = [make_example(task or TASKS[rng.integers(len(TASKS))], rng, p, text, distance)
+             for _ in range(n)]
+    return np.stack([t for t, _ in pairs]), np.stack([a for _, a in pairs])
+
+
+def shakespeare_tokens(split):
+    """The token ids of data/shakespeare/{split}.bin (tokenized first if need be): text filler."""
+    data_dir = os.path.join(ROOT, 'data', 'shakespeare')
+    prepare_dataset(data_dir, ddp=False)
+    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+
+
+# -----------------------------------------------------------------------------
+# Scoring. Position i of the inputs x = tokens[:-1] predicts token i + 1, as in train.py, so
+# the answers at mask positions t are read off the outputs at t - 1: where = answers[:, 1:].
+
+@torch.no_grad()
+def answer_logits(model, x, where, sink_tokens=0):
+    """The logits (n, V) at the positions where[b, i] is True of the inputs x (B, T), in row
+    order: one pass of the model over x, the output layer at those positions only (model(x)
+    would give the last position's alone). With sink_tokens=k the first k tokens of every
+    example stay in view of every query (StreamingLLM's attention sinks)."""
+    return model.lm_head(model.hidden_states(x, sink_tokens)[where])
+
+
+def model_predictor(model, n_values, sink_tokens=0):
+    """predict(x, where) -> the value each answer position of x gives the highest logit."""
+    def predict(x, where):
+        logits = answer_logits(model, x, where, sink_tokens)
+        return VALUE_BASE + logits[:, VALUE_BASE:VALUE_BASE + n_values].argmax(dim=-1)
+    return predict
+
+
+def score(predict, tokens, answers, device='cpu'):
+    """(correct, total) over the answers of a batch of examples: tokens and answers are
+    (B, example_length) arrays as make_examples gives them; predict(x, where) returns the
+    predicted token ids at the positions where (B, T) is True of the inputs x (B, T)."""
+    tokens = torch.from_numpy(tokens).to(device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    where = torch.from_numpy(answers[:, 1:]).to(device)
+    predicted = predict(x, where)
+    return int((predicted == y[where]).sum()), int(where.sum())
+
+
+# -----------------------------------------------------------------------------
+# The trainings
+
+def checkpoint_dir(name, seed):
+    return os.path.join(out_root, f'{name}-s{seed}')
+
+
+def train_settings(p, name, seed):
+    """The train.py settings of training `name` with `seed` under preset p (train.py picks the
+    device: these are the commands for any machine)."""
+    kind = dict(TRAININGS[name])
+    window = kind.pop('window', p.window)
+    return dict(
+        out_dir=checkpoint_dir(name, seed), seed=seed, dataset='recall',
+        example_length=p.example_length, block_size=p.block_size, n_layer=p.n_layer,
+        n_head=p.n_head, n_embd=p.n_embd, window=p.block_size if window is None else window,
+        **kind, dropout=0.0,
+        batch_size=p.batch_size, max_iters=p.max_iters, lr_decay_iters=p.max_iters,
+        warmup_iters=p.warmup_iters, learning_rate=p.learning_rate, min_lr=p.learning_rate / 10,
+        # evaluate at the start and at the end only, and keep the final weights
+        eval_interval=p.max_iters, eval_iters=20, log_interval=100, always_save_checkpoint=True,
+        # no torch.compile: its start-up, tens of seconds, is a large part of a training this short
+        compile=False)
+
+
+def command(script, settings):
+    """`python script --key=value ...`, script relative to the repo root, as a list."""
+    return ['python', script, *(f'--{k}={v}' for k, v in settings.items())]
+
+
+def run_command(cmd, **kwargs):
+    """Start cmd (from `command`) with this Python, from any working directory."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, cmd[1]), *cmd[2:]], **kwargs)
+
+
+def prepare_command():
+    return command(os.path.join('data', 'recall', 'prepare.py'), dict(preset=preset))
+
+
+def data_is_prepared(p):
+    """True if data/recall holds the data of preset p (its meta.json says so)."""
+    path = os.path.join(DATA_DIR, 'meta.json')
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f) == {k: getattr(p, k) for k in DATA_FIELDS}
+
+
+def trained_steps(out_dir):
+    """The iteration the checkpoint in out_dir got to; 0 if there is none."""
+    try:
+        return load_checkpoint(out_dir)['iter_num']
+    except CheckpointError:
+        return 0
+
+
+def run_trainings(p):
+    """Prepare the data if needed, then run every training that has not finished, `jobs` at a
+    time; each logs to its out_dir/train.log. A training cut short continues from its checkpoint."""
+    if not data_is_prepared(p) and run_command(prepare_command()).wait() != 0:
+        raise SystemExit("data/recall/prepare.py failed")
+    todo = []
+    for name in TRAININGS:
+        for seed in p.seeds:
+            settings = dict(train_settings(p, name, seed), device=device, dtype=dtype)
+            steps = trained_steps(settings['out_dir'])
+            if steps >= p.max_iters:
+                continue
+            if steps > 0:
+                settings['init_from'] = 'resume'
+            todo.append(settings)
+    print(f"{len(todo)} trainings to run, {jobs} at a time")
+    running = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            settings = todo.pop(0)
+            os.makedirs(settings['out_dir'], exist_ok=True)
+            log = open(os.path.join(settings['out_dir'], 'train.log'), 'a')
+            process = run_command(command('train.py', settings), stdout=log,
+                                  stderr=subprocess.STDOUT)
+            running.append((process, settings['out_dir'], log, time.time()))
+            print(f"training {settings['out_dir']}")
+        time.sleep(0.5)
+        for entry in [r for r in running if r[0].poll() is not None]:
+            process, out_dir, log, t0 = entry
+            log.close()
+            running.remove(entry)
+            if process.returncode != 0:
+                for other, *_ in running:
+                    other.terminate()           # train.py saves a checkpoint, then exits
+                for other, *_ in running:
+                    other.wait()
+                raise SystemExit(f"training {out_dir} failed (exit {process.returncode}): see "
+                                 f"{os.path.join(out_dir, 'train.log')}")
+            print(f"  {out_dir} done in {time.time() - t0:.0f} s")
+
+
+def print_commands(p):
+    """The commands that run the whole benchmark, one per line: for a GPU session elsewhere."""
+    print(' '.join(prepare_command()))
+    for name in TRAININGS:
+        for seed in p.seeds:
+            print(' '.join(command('train.py', train_settings(p, name, seed))))
+    print(f"python recall.py --preset={preset} --action=eval --out_root={out_root}")
+
+
+# -----------------------------------------------------------------------------
+# The evaluation
+
+def evaluate(p, distances):
+    """accuracy[label][task]: an array (seeds, distances) of each reading's accuracies, over the
+    seeds whose training has finished (a reading with none is left out, and said so)."""
+    done = {(name, seed) for name in TRAININGS for seed in p.seeds
+            if trained_steps(checkpoint_dir(name, seed)) >= p.max_iters}
+    if not done:
+        raise SystemExit(f"no finished training in {out_root}: run python recall.py "
+                         f"--preset={preset} --action=train first")
+    _, ctx = setup_device_and_precision(device, dtype)
+    text = shakespeare_tokens('val')            # the held-out plays
+    examples = {(task, d): make_examples(task, np.random.default_rng([EVAL_SEED, i, d]),
+                                         p.eval_examples, p, text, d)
+                for i, task in enumerate(TASKS) for d in distances}
+    accuracy = {}
+    for label, name, sinks in READINGS:
+        seeds = [seed for seed in p.seeds if (name, seed) in done]
+        if len(seeds) < len(p.seeds):
+            print(f"{label}: {len(seeds)} of {len(p.seeds)} trainings of {name} finished")
+        if not seeds:
+            continue
+        accuracy[label] = {task: np.zeros((len(seeds), len(distances))) for task in TASKS}
+        for s, seed in enumerate(seeds):
+            t0 = time.time()
+            model, _ = load_model(checkpoint_dir(name, seed), 0, p.example_length, device)
+            predict = model_predictor(model, p.n_values, sinks)
+            for (task, d), (tokens, answers) in examples.items():
+                with ctx:
+                    correct, total = score(predict, tokens, answers, device)
+                accuracy[label][task][s, distances.index(d)] = correct / total
+            print(f"{label}, seed {seed}: " + ', '.join(
+                f"{task} {100 * accuracy[label][task][s].mean():.1f}%" for task in TASKS)
+                + f" (mean over distances), {time.time() - t0:.1f} s")
+    return accuracy
+
+
+def mean_std(values):
+    """Mean and standard deviation (over the seeds; 0 for a single seed) of values."""
+    values = np.asarray(values)
+    return values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+
+
+def format_tables(accuracy, distances, window, n_layer, chance):
+    """One markdown table per task: a row per reading, a column per distance, each cell the
+    accuracy in percent, mean +- std over the seeds."""
+    rf = receptive_field(window, n_layer)
+    bands = {}
+    for d in distances:
+        bands.setdefault(band(d, window, n_layer), []).append(d)
+    where = '; '.join(f"{b}: d = {ds[0]}-{ds[-1]}" for b, ds in bands.items())
+    lines = [f"Accuracy in % (mean +- std over seeds) against distance d; the windowed models' "
+             f"window w = {window}, receptive field {rf} ({where}); chance {100 * chance:.1f}%."]
+    for task in TASKS:
+        lines += ['', f"**{TASK_TITLES[task]}**", '',
+                  '| model | ' + ' | '.join(str(d) for d in distances) + ' |',
+                  '|---|' + '---|' * len(distances)]
+        for label, per_task in accuracy.items():
+            cells = [f"{100 * m:.1f} ± {100 * s:.1f}"
+                     for m, s in (mean_std(column) for column in per_task[task].T)]
+            lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def plot_accuracy(path, accuracy, distances, window, n_layer, chance):
+    """Accuracy against distance, one panel per task, a line per reading (the band: +- std over
+    seeds), with the window, the receptive field and chance drawn in. Writes path (PNG) and
+    returns the figure (closed), for inspection."""
+    import matplotlib                           # only here: nothing else needs it
+    matplotlib.use('Agg')                       # write a file, no display needed
+    import matplotlib.pyplot as plt
+
+    rf = receptive_field(window, n_layer)
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.5), sharey=True)
+    for ax, task in zip(axes, TASKS):
+        for label, per_task in accuracy.items():
+            mean, std = np.array([mean_std(column) for column in per_task[task].T]).T * 100
+            ax.plot(distances, mean, marker='o', markersize=3, label=label)
+            ax.fill_between(distances, mean - std, mean + std, alpha=0.2)
+        ax.axvline(window, color='black', linestyle='--', linewidth=1, label=f'window w = {window}')
+        ax.axvline(rf, color='black', linestyle=':', linewidth=1,
+                   label=f'receptive field 1 + (w-1) x {n_layer} = {rf}')
+        ax.axhline(100 * chance, color='gray', linewidth=1, label='chance')
+        ax.set_title(TASK_TITLES[task])
+        ax.set_xlabel('distance d from the fact to its question (tokens)')
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel('accuracy (%)')
+    axes[-1].legend(fontsize=7, loc='center right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return fig
+
+
+def check_settings():
+    """The preset, or SystemExit with one line for a setting that cannot work."""
+    if preset not in PRESETS:
+        raise SystemExit(f"preset={preset!r}: expected one of {', '.join(PRESETS)}")
+    if action not in ACTIONS:
+        raise SystemExit(f"action={action!r}: expected one of {', '.join(ACTIONS)}")
+    if jobs < 1:
+        raise SystemExit(f"jobs={jobs}: expected 1 or more trainings at a time")
+    if plot and action in ('eval', 'all'):           # say so now, not after the evaluation
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit(f"plot={plot!r} needs matplotlib: pip install matplotlib, or "
+                             f"--plot='' for the table only") from None
+    p = PRESETS[preset]
+    check_vocabulary(p)
+    return p
+
+
+def main(args=None):
+    """Run the benchmark as the settings say; args: the --key=value overrides (default:
+    sys.argv[1:])."""
+    apply_overrides(globals(), config_keys, args)
+    p = check_settings()
+    if action == 'commands':
+        print_commands(p)
+        return
+    if action in ('train', 'all'):
+        run_trainings(p)
+    if action in ('eval', 'all'):
+        distances = band_distances(p.window, p.n_layer, p.max_distance, p.points_per_band)
+        accuracy = evaluate(p, distances)
+        table = format_tables(accuracy, distances, p.window, p.n_layer, 1 / p.n_values)
+        print()
+        print(table)
+        if plot:
+            with open(os.path.splitext(plot)[0] + '.md', 'w') as f:
+                f.write(table + '\n')
+            plot_accuracy(plot, accuracy, distances, p.window, p.n_layer, 1 / p.n_values)
+            print(f"plot written to {plot}, table to {os.path.splitext(plot)[0] + '.md'}")
+
+
+if __name__ == '__main__':
+    main()
