@@ -22,10 +22,12 @@ import re
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -1588,6 +1590,126 @@ def test_ddp_two_processes_equal_one(shakespeare, tmp_path):
     # printed with 4 decimals: equal up to one unit of the last digit
     for (_, t1, v1), (_, t2, v2) in zip(eval_losses(proc.stdout), eval_losses(single.stdout)):
         assert t1 == pytest.approx(t2, abs=1.5e-4) and v1 == pytest.approx(v2, abs=1.5e-4)
+
+
+LOOPBACK = '127.0.0.1'
+
+
+DEADLINE = 120      # seconds for all three runs together; they take 20-35 s on 2 busy cores
+
+
+ENV = {**SCRIPT_ENV, 'OMP_NUM_THREADS': '1', 'GLOO_SOCKET_IFNAME': 'lo'}
+
+
+def free_port():
+    """A TCP port of the loopback address that nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def node_command(node_rank, port, run_id, script, args):
+    """The README's command for node node_rank of 2, one process each, on the loopback."""
+    return [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
+            f'--node_rank={node_rank}', '--rdzv_backend=c10d',
+            f'--rdzv_endpoint={LOOPBACK}:{port}', f'--rdzv_id={run_id}',
+            f'--local_addr={LOOPBACK}', str(script), *args]
+
+
+def start(command, log_path):
+    """Popen(command) with its output going to log_path."""
+    with open(log_path, 'w') as log:
+        return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_all(procs, deadline):
+    """Wait until all have exited, one has failed, or time.monotonic() passes deadline."""
+    while time.monotonic() < deadline:
+        codes = [p.poll() for p in procs]
+        if None not in codes or any(c not in (None, 0) for c in codes):
+            return
+        time.sleep(0.1)
+
+
+def pids_running(marker):
+    """The processes (other than this one) whose command line holds marker."""
+    pids = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:                 # gone meanwhile, or not ours to read
+                pass
+    return pids
+
+
+def kill_all(procs, marker):
+    """Kill procs (the launchers and the single run), then their workers: torchrun starts each
+    worker in a session of its own, so neither killing a launcher nor its process group ends
+    them, and a killed launcher's workers would wait for their peers for many minutes. They
+    are found by marker, the path of this test's own script, on their command lines."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()                         # a dead launcher starts no more workers
+    workers = pids_running(marker)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10        # not our children: wait until they are gone
+    while workers and time.monotonic() < deadline:
+        workers = [pid for pid in workers if os.path.exists(f'/proc/{pid}')]
+        time.sleep(0.05)
+
+
+@slow
+def test_two_nodes_equal_one_process(shakespeare, tmp_path):
+    """Two nodes of one process each (gradient_accumulation_steps 1 rounds up to 2, one
+    micro-batch per rank) == one process of 2 micro-batches, bit for bit: every process runs
+    one thread, so it is the same arithmetic as in test_ddp_two_processes_equal_one, with the
+    ranks started by two launchers that find each other through the rendezvous. The single run
+    goes at the same time as the nodes (it needs none of their results): less wall time."""
+    args = [*TINY, '--max_iters=4', '--eval_interval=2', '--always_save_checkpoint=True',
+            '--learning_rate=1e-2', '--warmup_iters=1']
+    script = rank_weights_script(tmp_path)      # saves tmp_path/rank{RANK}.pt at the end
+    port, run_id = free_port(), f'nanoswat-test-{uuid.uuid4().hex[:8]}'
+    names = ['node 0', 'node 1', 'single process']
+    logs = [tmp_path / f'{name.replace(" ", "_")}.log' for name in names]
+    commands = [node_command(n, port, run_id, script, [*args, f'--out_dir={tmp_path / "nodes"}'])
+                for n in (0, 1)]
+    commands.append([sys.executable, 'train.py', *args, '--gradient_accumulation_steps=2',
+                     f'--out_dir={tmp_path / "single"}'])
+    procs = []
+    t0 = time.monotonic()
+    try:
+        for command, log in zip(commands, logs):
+            procs.append(start(command, log))
+        wait_all(procs, t0 + DEADLINE)
+    finally:
+        kill_all(procs, marker=str(script))     # nothing is left running, whatever happened
+    elapsed = time.monotonic() - t0
+    outputs = [log.read_text() for log in logs]
+    report = '\n'.join(f'--- {name}: exit {proc.returncode} ---\n{out}'
+                       for name, proc, out in zip(names, procs, outputs))
+    codes = [proc.returncode for proc in procs]
+    assert codes == [0, 0, 0], (f'exit codes {codes} (-9: killed by the test, after another '
+                                f'failed or at the deadline of {DEADLINE}s) after '
+                                f'{elapsed:.1f}s:\n{report}')
+
+    nodes = outputs[0] + outputs[1]
+    assert '2 process(es) x 1 micro-batch(es)' in nodes, report
+    assert nodes.count('done: final train loss') == 1, report    # the master alone logs
+    a, b = load_ckpt(tmp_path / 'nodes'), load_ckpt(tmp_path / 'single')
+    for rank in (0, 1):                         # every rank ends with the weights it saved
+        assert_same_weights(torch.load(tmp_path / f'rank{rank}.pt'), a['model'])
+    assert a['iter_num'] == b['iter_num'] == 4 and len(a['rng_states']) == 2
+    assert_same_weights(a['model'], b['model'])                 # zero tolerance
+    print(f'two nodes and the single process: {elapsed:.1f}s')
+
 
 
 @slow
