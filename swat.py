@@ -140,8 +140,8 @@ def apply_rope(x, cos, sin):
 #
 #     slot:     0 .. s-1   s                                  s+w-2
 #             [ sinks  ] [ t-3 | t-2 | t-1 | t-6 | t-5 | t-4 ]        w = 7, query: token t
-#                                           ^ once t is read, its key and value go here, over
-#                                             t-6: the one token t+1 can no longer see
+#                                            ^ once t is read, its key and value go here,
+#                                              over t-6: the one token t+1 can no longer see
 #
 # The keys are stored before RoPE, with the position of their token. RoPE and ALiBi only ever
 # see distances: at each step the query stays unrotated (distance 0) and each key is rotated
