@@ -150,7 +150,8 @@ def make_bad_checkpoint(out_dir, kind):
     """out_dir/ckpt.pt, bad in the way `kind` names; returns its path."""
     path = os.path.join(out_dir, 'ckpt.pt')
     args = asdict(tiny_config(attn='softmax', vocab_size=50304))
-    weights = tiny_model(attn='softmax', vocab_size=50304).state_dict()
+    weights = (tiny_model(attn='softmax', vocab_size=50304).state_dict()
+               if kind in ('foreign', 'wrong shape', 'missing weight') else None)
     if kind == 'directory':
         os.makedirs(path)
     elif kind == 'empty':

@@ -182,8 +182,8 @@ def test_reference_rejects_bad_chunk_size():
 
 # (B, H, T, D, window): T below one block, T not a multiple of the blocks, w = 1, w not a
 # multiple of the blocks, w = T, w > T, every head size, B * H > 1
-CPU_SHAPES = [(1, 2, 1, 16, 1), (1, 2, 20, 16, 4), (2, 3, 77, 32, 1), (1, 2, 77, 16, 77),
-              (1, 2, 50, 64, 200), (1, 2, 100, 128, 33), (2, 2, 130, 32, 17)]
+CPU_SHAPES = [(1, 2, 1, 16, 1), (1, 2, 20, 16, 4), (1, 3, 50, 32, 1), (1, 2, 45, 16, 45),
+              (1, 2, 50, 64, 200), (1, 2, 70, 128, 33), (2, 2, 60, 32, 17)]
 GPU_SHAPES = [(2, 4, 1000, 64, 128), (1, 3, 2049, 128, 300), (2, 2, 513, 32, 1),
               (1, 2, 3000, 16, 5000), (1, 4, 4096, 128, 2048), (3, 2, 777, 64, 100)]
 SHAPES = CPU_SHAPES + (GPU_SHAPES if GPU else [])
@@ -217,7 +217,7 @@ def test_kernel_matches_ground_truth(B, H, T, D, window, dtype):
 
 @pytest.mark.parametrize('sign', ['positive', 'negative'])
 def test_kernel_slope_signs(sign):
-    check_against_ground_truth(2, 2, 90, 32, 24, torch.float32, sign)
+    check_against_ground_truth(1, 2, 64, 32, 24, torch.float32, sign)
 
 
 def test_kernel_non_contiguous_inputs():
@@ -232,7 +232,7 @@ def test_kernel_non_contiguous_inputs():
 
 def test_kernel_writes_every_element():
     """Poisoned (NaN) output and gradient buffers come back fully overwritten."""
-    B, H, T, D, w = 2, 3, 61, 32, 13
+    B, H, T, D, w = 2, 3, 40, 32, 13
     q, k, v = random_inputs(B, H, T, D, dtype=torch.float32)
     do = torch.randn_like(q)
     slopes = random_slopes(H)
@@ -1534,8 +1534,18 @@ def test_ddp_two_processes_equal_one(shakespeare, tmp_path):
     evaluation losses are summed in another order across the ranks: those agree to 1e-6."""
     args = [*TINY, '--max_iters=4', '--eval_interval=2', '--always_save_checkpoint=True',
             '--learning_rate=1e-2', '--warmup_iters=1']
-    proc = torchrun(*args, f'--out_dir={tmp_path / "ddp"}', script=rank_weights_script(tmp_path))
+    # the single process runs beside the two, so that the test takes the time of the longer
+    single = subprocess.Popen([sys.executable, 'train.py', *args, '--gradient_accumulation_steps=2',
+                               f'--out_dir={tmp_path / "single"}'], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**SCRIPT_ENV, 'OMP_NUM_THREADS': '1'})
+    try:
+        proc = torchrun(*args, f'--out_dir={tmp_path / "ddp"}', script=rank_weights_script(tmp_path))
+        single_stdout, _ = single.communicate(timeout=300)
+    finally:
+        single.kill()
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert single.returncode == 0, single_stdout
     assert 'gradient_accumulation_steps=1 rounded up to 2, a multiple of the 2 processes' \
         in proc.stdout
     assert '2 process(es) x 1 micro-batch(es)' in proc.stdout
@@ -1546,14 +1556,12 @@ def test_ddp_two_processes_equal_one(shakespeare, tmp_path):
     for rank in (0, 1):
         assert_same_weights(torch.load(tmp_path / f'rank{rank}.pt'), a['model'])
 
-    single = run('train.py', *args, '--gradient_accumulation_steps=2',
-                 f'--out_dir={tmp_path / "single"}', env={'OMP_NUM_THREADS': '1'})
     b = load_ckpt(tmp_path / 'single')
     assert a['iter_num'] == b['iter_num'] == 4 and len(a['rng_states']) == 2
     assert_same_weights(a['model'], b['model'])
     assert a['best_val_loss'] == pytest.approx(b['best_val_loss'], rel=1e-6)
     # printed with 4 decimals: equal up to one unit of the last digit
-    for (_, t1, v1), (_, t2, v2) in zip(eval_losses(proc.stdout), eval_losses(single.stdout)):
+    for (_, t1, v1), (_, t2, v2) in zip(eval_losses(proc.stdout), eval_losses(single_stdout)):
         assert t1 == pytest.approx(t2, abs=1.5e-4) and v1 == pytest.approx(v2, abs=1.5e-4)
 
 
@@ -2017,7 +2025,8 @@ def test_eval_prints_a_finite_table(trained, capsys):
 def test_eval_sink_tokens_on_a_softmax_checkpoint(softmax_checkpoint, capsys):
     # --sink_tokens applies to every checkpoint; `:sinks=0` turns it off for one of them
     eval_script.main([f'--checkpoints={softmax_checkpoint},{softmax_checkpoint}:sinks=0',
-                      '--sink_tokens=2', '--lengths=8,64,512', *EVAL_ARGS])
+                      '--sink_tokens=2', '--lengths=8,64,256', *EVAL_ARGS,
+                      '--max_tokens_per_length=256'])
     out = capsys.readouterr().out
     _, rows = eval_table(out)
     label = f'{os.path.basename(softmax_checkpoint)} (softmax, alibi balanced, rope, w=8)'
@@ -2483,6 +2492,7 @@ def save_checkpoints(out_root, p, names):
                        os.path.join(out_dir, 'ckpt.pt'))
 
 
+@slow                                           # end to end: every model of the preset, table, plot
 def test_eval_of_untrained_checkpoints(recall_settings, tmp_path, capsys, monkeypatch):
     """The whole evaluation, table and plot, on untrained models of the tiny preset (fewer
     examples), read as a user's CPU reads them: through the einsum reference, not Triton's
@@ -2733,12 +2743,11 @@ def test_bench_generate_rejects_a_device_that_is_not_here():
     assert len(proc.stderr.strip().splitlines()) == 1 and "device='cuda:99' but" in proc.stderr
 
 
-@slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason='on a GPU bench.py would run the benchmark')
+@slow                                           # importing bench sets up FlexAttention's compile
+@pytest.mark.skipif(GPU, reason='on a GPU bench.py runs the benchmark')
 def test_bench_says_it_needs_a_gpu():
-    proc = run('bench.py', check=False)
-    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
-    assert proc.stderr.strip() == ("bench.py times GPU kernels and needs a CUDA GPU, but torch "
-                                   "sees none here; on a CPU, python bench_generate.py "
-                                   "--device=cpu times generation")
+    import bench                                # importing it runs nothing; its settings do
+    assert exit_message(bench.apply_settings, []) == (
+        "bench.py times GPU kernels and needs a CUDA GPU, but torch sees none here; on a CPU, "
+        "python bench_generate.py --device=cpu times generation")
 
