@@ -374,11 +374,14 @@ class Block(nn.Module):
 # x and of the output weight, and the logits are dropped. The backward then only scales the
 # stored gradients: the same three matmuls as the plain loss, and memory for one chunk.
 
-def chunk_loss(logits, targets, scored):
-    """Summed cross-entropy of the scored rows of logits (M, V) against targets (M,)."""
-    lse = torch.logsumexp(logits, dim=-1)                                  # (M,)
+def chunk_loss_(logits, targets, scored):
+    """The summed cross-entropy of the scored rows of logits (M, V) against targets (M,), and
+    each row's sum of exp(logit - max), (M,). In place: logits is left holding those exps."""
     target_logit = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
-    return torch.where(scored, lse - target_logit, 0.0).sum(), lse
+    top = logits.amax(dim=-1, keepdim=True)                    # (M, 1): for a safe exp
+    sum_exp = logits.sub_(top).exp_().sum(dim=-1)              # (M,)
+    lse = sum_exp.log() + top[:, 0]                            # log-sum-exp of each row
+    return torch.where(scored, lse - target_logit, 0.0).sum(), sum_exp
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -392,12 +395,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for i in range(0, x.size(0), chunk_size):
             rows = slice(i, i + chunk_size)
             logits = (x[rows] @ weight.t()).float()                          # (chunk, V)
-            chunk_sum, lse = chunk_loss(logits, targets[rows], scored[rows])
+            chunk_sum, sum_exp = chunk_loss_(logits, targets[rows], scored[rows])
             loss += chunk_sum
-            grad = torch.exp(logits.sub_(lse[:, None]))                       # softmax, in place
+            grad = logits.div_(sum_exp[:, None])                              # softmax, in place
             grad.scatter_add_(1, targets[rows].clamp(min=0)[:, None],
-                              torch.full_like(lse[:, None], -1.0))            # - one_hot(target)
-            grad = (grad * (scored[rows, None] / n)).to(x.dtype)
+                              torch.full_like(sum_exp[:, None], -1.0))        # - one_hot(target)
+            grad = grad.mul_(scored[rows, None] / n).to(x.dtype)
             grad_x[rows] = grad @ weight.to(x.dtype)
             grad_weight += (grad.t() @ x[rows]).float()
         ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
@@ -414,9 +417,21 @@ def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
     holding the logits of chunk_size rows at a time. x (N, C), weight (V, C), targets (N,)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(x, weight, targets, chunk_size)
+    # Evaluation: no gradients to keep, so in float32 one buffer takes every chunk's logits in
+    # turn, instead of a fresh 200 MB (and its page faults) per chunk.
     scored = targets != -1
-    total = sum(chunk_loss((x[i:i + chunk_size] @ weight.t()).float(), targets[i:i + chunk_size],
-                           scored[i:i + chunk_size])[0] for i in range(0, x.size(0), chunk_size))
+    total = torch.zeros((), device=x.device)
+    reuse = (x.dtype == weight.dtype == torch.float32
+             and not torch.is_autocast_enabled(x.device.type))
+    buffer = torch.empty(min(chunk_size, x.size(0)), weight.size(0), device=x.device) if reuse \
+        else None
+    for i in range(0, x.size(0), chunk_size):
+        rows = slice(i, i + chunk_size)
+        if reuse:
+            logits = torch.mm(x[rows], weight.t(), out=buffer[:len(x[rows])])
+        else:
+            logits = (x[rows] @ weight.t()).float()
+        total += chunk_loss_(logits, targets[rows], scored[rows])[0]
     return total / scored.sum()
 
 
