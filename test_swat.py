@@ -1155,9 +1155,12 @@ def test_get_batch_reads_windows_and_their_next_tokens(tmp_path):
     assert int(y.max()) <= 199
 
 
-def test_get_batch_is_a_function_of_seed_split_and_key(tmp_path):
-    data_dir = dataset(tmp_path)
-    batch = lambda *args: get_batch(data_dir, *args, 16, 4)[0]      # noqa: E731
+@pytest.mark.parametrize('example_length', [0, 17])
+def test_get_batch_is_a_function_of_seed_split_and_key(tmp_path, example_length):
+    """At any offset (example_length 0) or at the start of an example of 17 tokens."""
+    data_dir = dataset(tmp_path, n=200 * 17)
+    batch = lambda split, key, seed: get_batch(data_dir, split, key, seed, 16, 4,  # noqa: E731
+                                               example_length=example_length)[0]
     assert torch.equal(batch('train', 3, 1337), batch('train', 3, 1337))
     torch.manual_seed(0)                                # the global random state plays no part
     assert torch.equal(batch('train', 3, 1337), batch('train', 3, 1337))
@@ -1166,10 +1169,12 @@ def test_get_batch_is_a_function_of_seed_split_and_key(tmp_path):
     assert not torch.equal(batch('train', ('eval', 0), 1337), batch('val', ('eval', 0), 1337))
 
 
-def test_get_batch_micro_batches_share_out_one_batch(tmp_path):
-    data_dir = dataset(tmp_path)
-    whole = get_batch(data_dir, 'train', 7, 1, 16, 6)[0]
-    parts = [get_batch(data_dir, 'train', 7, 1, 16, 2, micro_step, 3)[0] for micro_step in range(3)]
+@pytest.mark.parametrize('example_length', [0, 17])
+def test_get_batch_micro_batches_share_out_one_batch(tmp_path, example_length):
+    data_dir = dataset(tmp_path, n=50 * 17)
+    whole = get_batch(data_dir, 'train', 7, 1, 16, 6, example_length=example_length)[0]
+    parts = [get_batch(data_dir, 'train', 7, 1, 16, 2, micro_step, 3,
+                       example_length=example_length)[0] for micro_step in range(3)]
     assert torch.equal(torch.cat(parts), whole)
 
 
@@ -1209,6 +1214,15 @@ def test_the_models_loss_scores_only_the_masked_targets(tmp_path):
             singles.append(model(x, only)[1])
     assert len(singles) < y.numel()
     assert torch.allclose(loss, torch.stack(singles).mean(), rtol=1e-5, atol=1e-6)
+
+
+def mask_file_accepted(*args, **kwargs):
+    """Whether check_mask_file(*args, **kwargs) lets training start (it stops with SystemExit)."""
+    try:
+        check_mask_file(*args, **kwargs)
+    except SystemExit:
+        return False
+    return True
 
 
 def mask_file(tmp_path, mask):
@@ -1251,11 +1265,7 @@ def test_check_mask_file_refuses_exactly_the_masks_a_batch_could_score_nothing_o
         mask = rng.random(n) < rng.choice([0.1, 0.2, 0.4, 0.8])
         token_path = mask_file(tmp_path, mask)
         fine = all(mask[i + 1:i + 1 + block_size].any() for i in range(n - block_size))
-        try:
-            check_mask_file(token_path, n, block_size, chunk=chunk)
-            passed = True
-        except SystemExit:
-            passed = False
+        passed = mask_file_accepted(token_path, n, block_size, chunk=chunk)
         assert passed == fine, mask.astype(int)
         outcomes.add(passed)
     assert outcomes == {True, False}
@@ -1299,26 +1309,6 @@ def test_every_sequence_starts_at_an_example(tmp_path, example_length):
         assert torch.equal(x, x[:, :1] + torch.arange(BLOCK))
         starts |= set(x[:, 0].tolist())
     assert starts == set(range(0, 10 * example_length, example_length))   # and every one of them
-
-
-def test_example_batches_are_a_function_of_seed_split_and_key(tmp_path):
-    data_dir = dataset(tmp_path, n=200 * E)
-    batch = lambda split, key, seed: get_batch(data_dir, split, key, seed, BLOCK, 8,  # noqa: E731
-                                               example_length=E)[0]
-    assert torch.equal(batch('train', 3, 1337), batch('train', 3, 1337))
-    torch.manual_seed(0)                                # the global random state plays no part
-    assert torch.equal(batch('train', 3, 1337), batch('train', 3, 1337))
-    assert not torch.equal(batch('train', 3, 1337), batch('train', 4, 1337))
-    assert not torch.equal(batch('train', 3, 1337), batch('train', 3, 1338))
-    assert not torch.equal(batch('train', ('eval', 0), 1337), batch('val', ('eval', 0), 1337))
-
-
-def test_example_micro_batches_share_out_one_batch(tmp_path):
-    data_dir = dataset(tmp_path, n=50 * E)
-    whole = get_batch(data_dir, 'train', 7, 1, BLOCK, 6, example_length=E)[0]
-    parts = [get_batch(data_dir, 'train', 7, 1, BLOCK, 2, micro_step, 3, example_length=E)[0]
-             for micro_step in range(3)]
-    assert torch.equal(torch.cat(parts), whole)
 
 
 def test_example_length_0_reads_exactly_the_batches_of_before(tmp_path):
@@ -1425,15 +1415,11 @@ def test_check_mask_file_refuses_exactly_the_masks_with_an_empty_example(tmp_pat
         token_path = mask_file(tmp_path, mask)
         fine = all(mask[k * example_length + 1:k * example_length + 1 + BLOCK].any()
                    for k in range(n))
-        try:
-            check_mask_file(token_path, n * example_length, BLOCK, example_length, chunk=chunk)
-            passed = True
-        except SystemExit:
-            passed = False
+        passed = mask_file_accepted(token_path, n * example_length, BLOCK, example_length,
+                                    chunk=chunk)
         assert passed == fine, mask.astype(int)
         outcomes.add(passed)
     assert outcomes == {True, False}
-
 
 
 def eval_losses(stdout):
