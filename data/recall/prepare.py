@@ -2,7 +2,7 @@
 
     python data/recall/prepare.py                   # the default preset of recall.py
     python data/recall/prepare.py --preset=tiny     # the toy one
-    python data/recall/prepare.py --out_dir=/tmp/recall
+    python data/recall/prepare.py --out_dir=data-copy/recall
 
 The examples are recall.py's (see its docstring), a random mix of its three tasks: passkeys in
 text (the filler from data/shakespeare/train.bin here, and from the held-out plays of val.bin

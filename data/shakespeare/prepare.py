@@ -1,7 +1,7 @@
 """Tokenize the shipped Shakespeare plays into train.bin and val.bin.
 
     python data/shakespeare/prepare.py
-    python data/shakespeare/prepare.py --out_dir=/tmp/shakespeare   # the bins elsewhere
+    python data/shakespeare/prepare.py --out_dir=data-copy          # the bins elsewhere
 
 Reads plays.tar.xz (next to this script), encodes every text with the GPT-2
 tokenizer and writes raw uint16 token ids, the nanoGPT format: load them with
