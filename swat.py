@@ -77,7 +77,7 @@ class SWATConfig:
             check_head_size(head_size, hint=f"attn='sigmoid': n_embd={self.n_embd} / n_head="
                                             f"{self.n_head} gives head size {head_size}; change "
                                             f"n_embd or n_head")
-        alibi_slopes(self.n_head, self.alibi)   # raises if the mode is unknown or n_head does not fit
+        alibi_slopes(self.n_head, self.alibi)   # raises if the mode or n_head cannot work
 
 
 # -----------------------------------------------------------------------------
@@ -296,7 +296,7 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
             if self.kind == 'sigmoid':
                 # Eq. 5, for every query m at once:
-                #   o_m = sum over n in [m - w + 1, m] of sigmoid(q_m . k_n / sqrt(D) + s_h (m - n)) v_n
+                #   o_m = sum over n in [m-w+1, m] of sigmoid(q_m . k_n / sqrt(D) + s_h (m-n)) v_n
                 # q_m . k_n of the RoPE'd q and k (rotated just above), scaled by 1 / sqrt(D); s_h
                 # the head's slope (self.slopes) times the distance back m - n; keys outside the
                 # window or in the future weigh exactly 0. Each key gets its own weight in
@@ -564,7 +564,7 @@ class SWAT(nn.Module):
         sink_tokens=k keeps the first k tokens in view too (StreamingLLM, see KVCache)."""
         x = self.hidden_states(idx, sink_tokens)                       # (B, T, C)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None                   # (B, 1, V): last position only
+            return self.lm_head(x[:, [-1], :]), None           # (B, 1, V): the last position only
         self.check_ids(targets, targets=True, like=idx)
         C = x.size(-1)
         return None, chunked_cross_entropy(x.reshape(-1, C), self.lm_head.weight, targets.view(-1))
@@ -617,7 +617,7 @@ class SWAT(nn.Module):
                                   f"new out_dir") from None
         try:
             model.load_state_dict(checkpoint['model'])
-        except (RuntimeError, TypeError) as e:      # torch lists the missing, unexpected, mis-shaped
+        except (RuntimeError, TypeError) as e:      # torch names what is missing or mis-shaped
             details = ' '.join(str(e).split())      # its list spans lines; the message is one
             raise CheckpointError(f"the weights in {ckpt_path} do not fit the model its "
                                   f"model_args describe ({details}); it was written by another "
