@@ -436,6 +436,33 @@ def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
 
 
 # -----------------------------------------------------------------------------
+# The model's input: token ids, checked before they index the embedding (where a bad id would
+# give an opaque error, or on a GPU a device-side assert).
+
+def check_token_ids(name, ids, vocab_size, check_range=True, targets=False):
+    """Raise a ValueError, one line naming what was given and the fix, unless ids is a (B, T)
+    integer tensor of ids in [0, vocab_size). targets=True also allows -1 (a position the loss
+    ignores) and asks for int64, which cross_entropy needs. check_range=False skips the range."""
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{name} must be (B, T) token ids, a tensor; got a {type(ids).__name__}: "
+                         f"pass torch.tensor({name})")
+    if ids.dim() != 2:
+        fix = f"add a batch dimension, {name}[None]" if ids.dim() == 1 else "give a 2-D tensor"
+        raise ValueError(f"{name} must be (B, T) token ids; got shape {tuple(ids.shape)}: {fix}")
+    if ids.dtype not in ((torch.int64,) if targets else (torch.int64, torch.int32)):
+        raise ValueError(f"{name} must hold integer token ids, dtype torch.int64; got {ids.dtype}: "
+                         f"convert with {name}.long()")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} is empty, (B, T) = {tuple(ids.shape)}: give at least one token")
+    if check_range:
+        low, high = (x.item() for x in torch.aminmax(ids))
+        if low < (-1 if targets else 0) or high >= vocab_size:
+            allowed = f"0 .. {vocab_size - 1}" + (", or -1 to ignore a position" if targets else "")
+            raise ValueError(f"{name} holds ids from {low} to {high}; expected {allowed} "
+                             f"(vocab_size={vocab_size}): encode with the model's tokenizer")
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: what train.py saves, read back with one clear line for each way a file can be bad.
 
 class CheckpointError(ValueError):
@@ -472,29 +499,6 @@ def load_checkpoint(path, device='cpu', required=('model', 'model_args')):
         raise CheckpointError(f"{ckpt_path} lacks {missing}: it was not written by this project's "
                               f"train.py; train again into a new out_dir")
     return checkpoint
-
-
-def check_token_ids(name, ids, vocab_size, check_range=True, targets=False):
-    """Raise a ValueError, one line naming what was given and the fix, unless ids is a (B, T)
-    integer tensor of ids in [0, vocab_size). targets=True also allows -1 (a position the loss
-    ignores) and asks for int64, which cross_entropy needs. check_range=False skips the range."""
-    if not isinstance(ids, torch.Tensor):
-        raise ValueError(f"{name} must be (B, T) token ids, a tensor; got a {type(ids).__name__}: "
-                         f"pass torch.tensor({name})")
-    if ids.dim() != 2:
-        fix = f"add a batch dimension, {name}[None]" if ids.dim() == 1 else "give a 2-D tensor"
-        raise ValueError(f"{name} must be (B, T) token ids; got shape {tuple(ids.shape)}: {fix}")
-    if ids.dtype not in ((torch.int64,) if targets else (torch.int64, torch.int32)):
-        raise ValueError(f"{name} must hold integer token ids, dtype torch.int64; got {ids.dtype}: "
-                         f"convert with {name}.long()")
-    if ids.numel() == 0:
-        raise ValueError(f"{name} is empty, (B, T) = {tuple(ids.shape)}: give at least one token")
-    if check_range:
-        low, high = (x.item() for x in torch.aminmax(ids))
-        if low < (-1 if targets else 0) or high >= vocab_size:
-            allowed = f"0 .. {vocab_size - 1}" + (", or -1 to ignore a position" if targets else "")
-            raise ValueError(f"{name} holds ids from {low} to {high}; expected {allowed} "
-                             f"(vocab_size={vocab_size}): encode with the model's tokenizer")
 
 
 class SWAT(nn.Module):
