@@ -8,9 +8,13 @@ CPU through the einsum reference.
 """
 
 import hashlib
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict
 
 import pytest
@@ -21,6 +25,9 @@ if not GPU:
     os.environ.setdefault('TRITON_INTERPRET', '1')     # must be set before triton is imported
 
 from swat import SWAT, SWATConfig  # noqa: E402
+import kernel  # noqa: E402
+
+kernel.PINNED = 0       # no autotuning in the tests: one configuration per kernel (see kernel.py)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(ROOT, 'data', 'shakespeare')
@@ -86,11 +93,78 @@ def exit_message(function, *args):
     return message
 
 
-def run(script, *args, check=True, env=None, cwd=ROOT):
-    """Run `python script args...` (from the repo root by default); return the CompletedProcess.
-    With check, a non-zero exit fails the test and shows both streams."""
-    proc = subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**SCRIPT_ENV, **(env or {})})
+# Most of the time of a script's run on a tiny model goes to Python importing torch (and
+# torch._dynamo, which the optimizer imports on first use): about 3.5 s of 5 on two cores. So
+# run() starts the scripts from a small fork server that has imported those once: each run is
+# still a process of its own, with the script as __main__, its own arguments, folder, streams,
+# exit code and every module of the project imported afresh; only the imports of the libraries
+# are skipped. It is started with SCRIPT_ENV, read as the libraries import. The tests that signal
+# a script or run it under torchrun start real interpreters.
+SCRIPT_SERVER = r"""
+import json, os, runpy, sys, traceback
+import numpy, tiktoken, torch, torch._dynamo
+
+
+def run_script(script, args, cwd, stdout, stderr):
+    # as `python script args` would: the script's folder first on sys.path, its exit code
+    os.chdir(cwd)
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, stdout, os.O_WRONLY),
+                            (2, stderr, os.O_WRONLY)):
+        os.dup2(os.open(path, flags), fd)
+    sys.argv = [script, *args]
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    try:
+        runpy.run_path(script, run_name='__main__')
+        code = 0
+    except SystemExit as e:
+        code = e.code if e.code is None or isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        run_script(**json.loads(line))
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+_server = None
+
+
+def _script_server():
+    global _server
+    if _server is None or _server.poll() is not None:
+        _server = subprocess.Popen([sys.executable, '-c', SCRIPT_SERVER], cwd=ROOT, text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=SCRIPT_ENV)
+    return _server
+
+
+def run(script, *args, check=True, cwd=ROOT, timeout=300):
+    """Run `python script args...` (from the repo root by default) through the fork server;
+    return a CompletedProcess. With check, a non-zero exit fails the test and shows both
+    streams."""
+    server = _script_server()
+    with tempfile.TemporaryDirectory() as folder:
+        streams = [os.path.join(folder, name) for name in ('stdout', 'stderr')]
+        for path in streams:
+            open(path, 'w').close()
+        request = dict(script=str(script), args=[str(a) for a in args], cwd=str(cwd),
+                       stdout=streams[0], stderr=streams[1])
+        server.stdin.write(json.dumps(request) + '\n')
+        server.stdin.flush()
+        pid = int(server.stdout.readline())
+        if not select.select([server.stdout], [], [], timeout)[0]:
+            os.kill(pid, signal.SIGKILL)
+            server.stdout.readline()
+            raise subprocess.TimeoutExpired([script, *args], timeout)
+        returncode = int(server.stdout.readline())
+        stdout, stderr = (open(path).read() for path in streams)
+    proc = subprocess.CompletedProcess([script, *args], returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")

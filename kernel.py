@@ -398,37 +398,52 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, scale, T, H, WINDOW,
 
 # -----------------------------------------------------------------------------
 # Launchers. Each kernel has one small configuration and a list of fast ones, each written
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The small one runs alone under the interpreter
-# (its unequal blocks exercise every boundary case of the runs above) and for float32 inputs,
-# the correctness path, whose exact dots are slow to compile. 16-bit inputs on the GPU try the
-# fast ones and keep the fastest for each head size and window.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The small one runs under the interpreter (its
+# unequal blocks exercise every boundary case of the runs above) and for float32 inputs, the
+# correctness path, whose exact dots are slow to compile. 16-bit inputs on the GPU time the fast
+# ones on first use and keep the fastest for each head size and window, unless one is pinned.
 
-def _config(block_m, block_n, num_warps, num_stages):
-    return triton.Config({'BLOCK_M': block_m, 'BLOCK_N': block_n}, num_warps=num_warps,
-                         num_stages=num_stages)
-
-
-def _autotuned(small, fast):
-    """Autotune a kernel over the `fast` configurations; run `small` alone under the
-    interpreter and for float32 inputs."""
-    small, fast = _config(*small), [_config(*shape) for shape in fast]
-
-    def prune(configs, named_args, **kwargs):
-        return [small] if INTERPRET or named_args['Q'].dtype == torch.float32 else fast
-
-    return triton.autotune(configs=[small, *fast], key=['D', 'WINDOW'],
-                           prune_configs_by={'early_config_prune': prune})
+PINNED = None   # None: autotune, as above. An index i: run the i-th fast configuration of each
+                # kernel untimed, so one compile per head size and dtype and no timing runs (the
+                # tests pin 0; one of them runs every i against the float64 ground truth).
 
 
-_forward_tuned = _autotuned(small=(32, 16, 4, 1),
-                            fast=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                                  (64, 64, 4, 3), (128, 32, 4, 4)])(_forward_kernel)
-_dkdv_tuned = _autotuned(small=(16, 32, 4, 1),
-                         fast=[(32, 128, 4, 3), (32, 128, 8, 4), (64, 128, 8, 3),
-                               (64, 64, 4, 3), (128, 128, 8, 2)])(_dkdv_kernel)
-_dq_tuned = _autotuned(small=(32, 16, 4, 1),
-                       fast=[(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
-                             (128, 32, 8, 4), (64, 32, 4, 4)])(_dq_kernel)
+class _Launcher:
+    """A kernel with its configurations: launcher[grid](dtype, config, *args, **kwargs)."""
+
+    def __init__(self, kernel, small, fast):
+        self.kernel, self.small, self.fast = kernel, small, fast
+        configs = [triton.Config({'BLOCK_M': block_m, 'BLOCK_N': block_n}, num_warps=num_warps,
+                                 num_stages=num_stages)
+                   for block_m, block_n, num_warps, num_stages in fast]
+        self.autotuned = triton.autotune(configs=configs, key=['D', 'WINDOW'])(kernel)
+
+    def __getitem__(self, grid):
+        def launch(dtype, config, *args, **kwargs):
+            """config: an index into `fast`, or None for PINNED's choice."""
+            config = PINNED if config is None else config
+            if INTERPRET or dtype == torch.float32:
+                shape = self.small
+            elif config is None:
+                return self.autotuned[grid](*args, **kwargs)
+            else:
+                shape = self.fast[config]
+            block_m, block_n, num_warps, num_stages = shape
+            return self.kernel[grid](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n,
+                                     num_warps=num_warps, num_stages=num_stages)
+        return launch
+
+
+_forward = _Launcher(_forward_kernel, small=(32, 16, 4, 1),
+                     fast=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                           (64, 64, 4, 3), (128, 32, 4, 4)])
+_dkdv = _Launcher(_dkdv_kernel, small=(16, 32, 4, 1),
+                  fast=[(32, 128, 4, 3), (32, 128, 8, 4), (64, 128, 8, 3),
+                        (64, 64, 4, 3), (128, 128, 8, 2)])
+_dq = _Launcher(_dq_kernel, small=(32, 16, 4, 1),
+                fast=[(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+                      (128, 32, 8, 4), (64, 32, 4, 4)])
+FAST_CONFIGS = len(_forward.fast)       # every kernel has this many
 
 
 FAST_SIGMOID = True     # 16-bit inputs on the GPU: tanh.approx (bench.py measures both)
@@ -455,26 +470,28 @@ def _strides(*tensors):
     return [s for x in tensors for s in x.stride()[:3]]
 
 
-def swat_forward(q, k, v, slopes, window, scale, out):
-    """Write the attention output for q, k, v (B, H, T, D) into out; launches the Triton kernel."""
+def swat_forward(q, k, v, slopes, window, scale, out, config=None):
+    """Write the attention output for q, k, v (B, H, T, D) into out; launches the Triton kernel.
+    config: an index into the fast configurations, to run that one untimed; None: as PINNED."""
     B, H, T, D = q.shape
     grid = lambda meta: (triton.cdiv(T, meta['BLOCK_M']), B * H)
-    _forward_tuned[grid](q, k, v, out, slopes, scale, T, H, min(window, T),
-                         *_strides(q, k, v, out), D=D, **_kernel_flags(q.dtype))
+    _forward[grid](q.dtype, config, q, k, v, out, slopes, scale, T, H, min(window, T),
+                   *_strides(q, k, v, out), D=D, **_kernel_flags(q.dtype))
     return out
 
 
-def swat_backward(do, q, k, v, slopes, window, scale, dq, dk, dv):
-    """Write the gradients of q, k, v into dq, dk, dv (dk and dv must share their strides)."""
+def swat_backward(do, q, k, v, slopes, window, scale, dq, dk, dv, config=None):
+    """Write the gradients of q, k, v into dq, dk, dv (dk and dv must share their strides).
+    config: as for swat_forward."""
     B, H, T, D = q.shape
     window = min(window, T)
     flags = _kernel_flags(q.dtype)
     grid = lambda meta: (triton.cdiv(T, meta['BLOCK_N']), B * H)
-    _dkdv_tuned[grid](q, k, v, do, dk, dv, slopes, scale, T, H, window,
-                      *_strides(q, k, v, do, dk), D=D, **flags)
+    _dkdv[grid](q.dtype, config, q, k, v, do, dk, dv, slopes, scale, T, H, window,
+                *_strides(q, k, v, do, dk), D=D, **flags)
     grid = lambda meta: (triton.cdiv(T, meta['BLOCK_M']), B * H)
-    _dq_tuned[grid](q, k, v, do, dq, slopes, scale, T, H, window, *_strides(q, k, v, do, dq),
-                    D=D, **flags)
+    _dq[grid](q.dtype, config, q, k, v, do, dq, slopes, scale, T, H, window,
+              *_strides(q, k, v, do, dq), D=D, **flags)
     return dq, dk, dv
 
 
