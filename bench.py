@@ -4,6 +4,7 @@ Times swat_attention next to the attention a user would otherwise reach for, on 
     python bench.py                      # the six shapes, then the length sweep
     python bench.py --sigmoid=exact --sweep_lengths=   # exact sigmoid, six shapes only
     python bench.py --mode=train         # training throughput of a GPT-2-small-sized model
+    python bench.py --mode=loss          # the output layer and its cross-entropy alone
 
 --mode=train times whole training steps of a 12-layer, 12-head, 768-wide model (forward,
 backward, fused AdamW, bfloat16 autocast, each block compiled on its own, as train.py runs
@@ -29,6 +30,7 @@ import triton
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import kernel
+import swat
 from configurator import apply_overrides
 from kernel import attended_pairs, swat_attention
 from swat import SWAT, SWATConfig, alibi_slopes
@@ -39,13 +41,18 @@ tokens = 32768          # B * T for the six shapes
 seq_len = 16384
 sweep_window = 512
 sweep_lengths = '1024,2048,4096,8192,16384,32768,65536'
-mode = 'attention'      # 'attention': the kernel and its peers; 'train': whole training steps
+mode = 'attention'      # 'attention': the kernel and its peers; 'train': whole training steps;
+                        # 'loss': the output layer and its cross-entropy
 train_lengths = '4096,16384'
 train_window = 512
 train_tokens = 32768    # tokens per training step: batch size = train_tokens / length
 train_compile = 'blocks'  # 'blocks': each block on its own, as train.py; 'model': one graph
+fused_loss = True       # swat.FUSED_LOSS in --mode=train: the loss's elementwise work compiled
+loss_rows = 32768       # rows of the loss in --mode=loss
+loss_chunks = '1024,2048,4096'  # chunk sizes of the chunked loss in --mode=loss
 SETTINGS = ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths', 'mode',
-            'train_lengths', 'train_window', 'train_tokens', 'train_compile']
+            'train_lengths', 'train_window', 'train_tokens', 'train_compile', 'fused_loss',
+            'loss_rows', 'loss_chunks']
 # -----------------------------------------------------------------------------
 
 compiled_flex = torch.compile(flex_attention, dynamic=False)    # compiles at its first call
@@ -55,8 +62,8 @@ def apply_settings(args):
     """Apply --key=value arguments to the settings above; exit with one line on a bad value or
     on a machine without a GPU. Run as a script only, so that importing bench runs nothing."""
     apply_overrides(globals(), SETTINGS, args)
-    if mode not in ('attention', 'train'):
-        raise SystemExit(f"mode={mode!r}: expected 'attention' or 'train'")
+    if mode not in ('attention', 'train', 'loss'):
+        raise SystemExit(f"mode={mode!r}: expected 'attention', 'train' or 'loss'")
     if train_compile not in ('blocks', 'model'):
         raise SystemExit(f"train_compile={train_compile!r}: expected 'blocks' or 'model'")
     if not torch.cuda.is_available():
@@ -197,7 +204,8 @@ def training_step_ms(config, batch_size):
 def training_throughput():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
           f"\ntraining steps of a 12-layer, 12-head, 768-wide model, {train_tokens} tokens per "
-          f"step, torch.compile ({train_compile}), bfloat16 autocast, fused AdamW\n")
+          f"step, torch.compile ({train_compile}), bfloat16 autocast, fused AdamW, loss tail "
+          f"{'compiled' if fused_loss else 'eager'}\n")
     header = (f"{'T':>6} {'B':>3} | {'attention':<26} | {'ms/step':>8} | {'tokens/s':>10} | "
               f"{'MFU':>6} | {'peak GiB':>8} | {'tokens/s vs full':>16}")
     print(header)
@@ -226,6 +234,77 @@ def training_throughput():
                   f"{mfu:>6} | {peak_gib:8.1f} | {tokens_per_second / full_tokens_per_second:15.2f}x")
 
 
+def full_logits_loss(x, weight, targets):
+    return F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-1)
+
+
+def chunked_loss(chunk_size, fused):
+    def loss(x, weight, targets):
+        swat.FUSED_LOSS = fused
+        return swat.chunked_cross_entropy(x, weight, targets, chunk_size)
+    return loss
+
+
+def installed_peers():
+    """The fused losses of other projects that are installed here, as (name, loss function)."""
+    peers = []
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        peers.append(('Liger-Kernel fused linear CE',
+                      lambda x, w, t: liger_fused_linear_cross_entropy(x, w, t, ignore_index=-1)))
+    except ImportError:
+        print("Liger-Kernel is not installed here: its row is left out")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+        peers.append(('Cut Cross-Entropy',
+                      lambda x, w, t: linear_cross_entropy(x, w, t, ignore_index=-1)))
+    except ImportError:
+        print("Cut Cross-Entropy is not installed here: its row is left out")
+    return peers
+
+
+def loss_alone():
+    torch.manual_seed(0)
+    N, C, V = loss_rows, 768, 50304
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+          f"\nthe output layer and its cross-entropy: N = {N}, C = {C}, V = {V}, bfloat16, "
+          f"forward+backward")
+    x = torch.randn(N, C, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(V, C, device='cuda') * C ** -0.5).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 50257, (N,), device='cuda')
+    reference = full_logits_loss(x.float(), weight.float(), targets)
+    ref_grads = torch.autograd.grad(reference, (x, weight))
+    chunks = [int(c) for c in loss_chunks.split(',')]
+    methods = [('full logits, F.cross_entropy', full_logits_loss),
+               ('full logits, torch.compile', torch.compile(full_logits_loss))]
+    methods += [(f'chunked {c}, compiled tail', chunked_loss(c, True)) for c in chunks]
+    methods += [(f'chunked {chunks[0]}, eager tail', chunked_loss(chunks[0], False))]
+    methods += installed_peers()
+    header = (f"{'method':<32} | {'ms':>6} | {'extra GiB':>9} | {'loss err':>8} | "
+              f"{'dx err':>8} | {'dw err':>8}")
+    print(header)
+    print('-' * len(header))
+    for name, fn in methods:
+        loss = fn(x, weight, targets)
+        grads = torch.autograd.grad(loss, (x, weight))
+        errors = [relative_error(loss, reference)]
+        errors += [relative_error(g, r) for g, r in zip(grads, ref_grads)]
+        ms = triton.testing.do_bench(lambda: fn(x, weight, targets).backward(),
+                                     grad_to_none=[x, weight], return_mode='median')
+        x.grad = weight.grad = None
+        del loss, grads
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(x, weight, targets).backward()
+        torch.cuda.synchronize()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+        x.grad = weight.grad = None
+        print(f"{name:<32} | {ms:6.1f} | {extra:9.2f} | " + " | ".join(f"{e:8.1e}" for e in errors))
+    swat.FUSED_LOSS = True
+
+
 if __name__ == '__main__':
     apply_settings(sys.argv[1:])
-    training_throughput() if mode == 'train' else main()
+    swat.FUSED_LOSS = fused_loss
+    {'train': training_throughput, 'loss': loss_alone, 'attention': main}[mode]()

@@ -9,6 +9,7 @@ Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H head size
 S = the KV cache's slots per layer.
 """
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -374,14 +375,38 @@ class Block(nn.Module):
 # x and of the output weight, and the logits are dropped. The backward then only scales the
 # stored gradients: the same three matmuls as the plain loss, and memory for one chunk.
 
-def chunk_loss_(logits, targets, scored):
-    """The summed cross-entropy of the scored rows of logits (M, V) against targets (M,), and
-    each row's sum of exp(logit - max), (M,). In place: logits is left holding those exps."""
+FUSED_LOSS = True   # on a GPU, each chunk's elementwise work is compiled into a few fused passes
+                    # (torch.compile, at the first call); False: eager, as on a CPU
+
+
+def chunk_loss_(logits, targets, weights):
+    """The weighted sum of the rows' cross-entropies, for logits (M, V) in float32, targets (M,)
+    and weights (M,), 0 for a row not scored; and each row's sum of exp(logit - max), (M,).
+    In place: logits is left holding those exps."""
     target_logit = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
     top = logits.amax(dim=-1, keepdim=True)                    # (M, 1): for a safe exp
     sum_exp = logits.sub_(top).exp_().sum(dim=-1)              # (M,)
     lse = sum_exp.log() + top[:, 0]                            # log-sum-exp of each row
-    return torch.where(scored, lse - target_logit, 0.0).sum(), sum_exp
+    return torch.where(weights != 0, (lse - target_logit) * weights, 0.0).sum(), sum_exp
+
+
+def chunk_loss_and_grad(logits, targets, weights):
+    """chunk_loss_ of logits (M, V), in float32 whatever their dtype, and its gradient with
+    respect to them, (softmax - one_hot(target)) * weight, in their dtype."""
+    dtype = logits.dtype
+    logits = logits.float()
+    loss, sum_exp = chunk_loss_(logits, targets, weights)
+    grad = logits.div_(sum_exp[:, None])                                     # softmax, in place
+    grad.scatter_add_(1, targets.clamp(min=0)[:, None],
+                      torch.full_like(sum_exp[:, None], -1.0))               # - one_hot(target)
+    return loss, grad.mul_(weights[:, None]).to(dtype)
+
+
+@functools.cache
+def compiled(function):
+    """torch.compile(function), made once, at the first use: importing torch's compiler costs
+    a second or more, which a script on a CPU need not pay."""
+    return torch.compile(function)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -389,22 +414,20 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_size):
         scored = targets != -1                                   # -1: a position not scored
-        n = scored.sum()                                         # the mean's denominator
+        weights = scored / scored.sum()                          # each scored row's share: 1/n
+        loss_and_grad = compiled(chunk_loss_and_grad) if FUSED_LOSS and x.is_cuda \
+            else chunk_loss_and_grad
         loss = torch.zeros((), device=x.device)
         grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
         for i in range(0, x.size(0), chunk_size):
             rows = slice(i, i + chunk_size)
-            logits = (x[rows] @ weight.t()).float()                          # (chunk, V)
-            chunk_sum, sum_exp = chunk_loss_(logits, targets[rows], scored[rows])
-            loss += chunk_sum
-            grad = logits.div_(sum_exp[:, None])                              # softmax, in place
-            grad.scatter_add_(1, targets[rows].clamp(min=0)[:, None],
-                              torch.full_like(sum_exp[:, None], -1.0))        # - one_hot(target)
-            grad = grad.mul_(scored[rows, None] / n).to(x.dtype)
+            logits = x[rows] @ weight.t()                                    # (chunk, V)
+            chunk_loss, grad = loss_and_grad(logits, targets[rows], weights[rows])
+            loss += chunk_loss
             grad_x[rows] = grad @ weight.to(x.dtype)
             grad_weight += (grad.t() @ x[rows]).float()
         ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
-        return loss / n
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -420,6 +443,7 @@ def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
     # Evaluation: no gradients to keep, so in float32 one buffer takes every chunk's logits in
     # turn, instead of a fresh 200 MB (and its page faults) per chunk.
     scored = targets != -1
+    weights = scored / scored.sum()
     total = torch.zeros((), device=x.device)
     reuse = (x.dtype == weight.dtype == torch.float32
              and not torch.is_autocast_enabled(x.device.type))
@@ -431,8 +455,8 @@ def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
             logits = torch.mm(x[rows], weight.t(), out=buffer[:len(x[rows])])
         else:
             logits = (x[rows] @ weight.t()).float()
-        total += chunk_loss_(logits, targets[rows], scored[rows])[0]
-    return total / scored.sum()
+        total += chunk_loss_(logits, targets[rows], weights[rows])[0]
+    return total
 
 
 # -----------------------------------------------------------------------------
