@@ -433,6 +433,26 @@ def test_chunked_cross_entropy_is_the_plain_loss(N, chunk_size, dtype):
             pytest.approx(expected.item(), rel=1e-6)
 
 
+@slow
+@needs_gpu
+def test_fused_loss_is_the_plain_loss():
+    """On a GPU each chunk's loss and gradient run compiled (swat.FUSED_LOSS): the same values
+    and gradients as F.cross_entropy on the full logits, with a last chunk of another size (in
+    float64, so that no matmul precision setting of another test can differ between the two)."""
+    assert swat.FUSED_LOSS
+    torch.manual_seed(0)
+    x = torch.randn(300, 16, device='cuda', dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(101, 16, device='cuda', dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 101, (300,), device='cuda')
+    targets[::5] = -1
+    expected = F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-1)
+    loss = swat.chunked_cross_entropy(x, weight, targets, chunk_size=128)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, (x, weight)),
+                         torch.autograd.grad(expected, (x, weight))):
+        assert relative_error(got, want) < 1e-6
+
+
 @pytest.mark.usefixtures('reference_attention')
 def test_model_loss_is_the_loss_of_its_logits():
     """SWAT.forward's loss is the cross-entropy of lm_head(hidden_states), the logits it never
