@@ -41,6 +41,7 @@ from conftest import (DATA, DEVICE, GPU, ROOT, SCRIPT_ENV, SEPARATOR, TINY, TOLE
                       make_bad_checkpoint, needs_gpu, random_inputs, random_slopes,
                       rank_weights_script, relative_error, run, save_tiny_checkpoint,
                       tiny_config, tiny_model, torchrun)
+import configurator
 import eval as eval_script
 import kernel
 import recall
@@ -1909,6 +1910,91 @@ def test_help_says_what_each_setting_does(script, monkeypatch, capsys):
         assert option.startswith('--') and description.strip(), f"{option}: no description"
     if script == 'train.py' and not GPU:        # what a CPU gets, not what a GPU would
         assert '--compile=False ' in out and "--backend='gloo' " in out
+
+
+# =============================================================================
+# The recipes in config/: each loads, passes train.py's checks, and trains
+
+RECIPES = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
+
+
+class Settings(Exception):
+    """Raised by the stand-in for apply_overrides: the settings of a script and their defaults."""
+
+
+def script_defaults(script, monkeypatch):
+    """{setting: default} of a script that calls apply_overrides, as it defines them on this
+    machine: the script runs up to that call, and no further."""
+    def stop(config, keys, args=None):
+        raise Settings({key: config[key] for key in keys})
+
+    with monkeypatch.context() as m:
+        m.setattr(configurator, 'apply_overrides', stop)
+        with pytest.raises(Settings) as e:
+            runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
+    return e.value.args[0]
+
+
+def train_in_process(args, monkeypatch):
+    """Run `python train.py args` in this process; return its globals. On a CPU the attention
+    runs the einsum reference; the signal handlers, random state and matmul precision train.py
+    sets are put back afterwards."""
+    monkeypatch.setattr(kernel, 'INTERPRET', False)
+    monkeypatch.setattr(sys, 'argv', ['train.py', *args])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    precision = torch.get_float32_matmul_precision()
+    try:
+        with torch.random.fork_rng():
+            return runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        torch.set_float32_matmul_precision(precision)
+
+
+@pytest.mark.parametrize('recipe', RECIPES, ids=os.path.basename)
+def test_recipe_passes_the_checks(recipe, monkeypatch):
+    """Two comment lines on top (what, where, how long, to what loss); values of the types of
+    train.py's settings that pass its checks and make a valid model; a dataset with a prepare
+    script; on 8 GPUs, a whole number of micro-batches per GPU."""
+    with open(recipe, encoding='utf-8') as f:
+        text = f.read()
+    head = text.splitlines()[:2]
+    assert all(line.startswith('# ') for line in head) and 'loss' in head[1]
+    assert 'measured' in head[1] or head[1].startswith('# Not run here: ')
+    defaults = script_defaults('train.py', monkeypatch)
+    settings = dict(defaults)
+    assigned = apply_overrides(settings, list(settings), [recipe])
+    check_settings(settings)
+    SWATConfig(**{f.name: settings[f.name] for f in fields(SWATConfig)})
+    assert os.path.isfile(os.path.join(ROOT, 'data', settings['dataset'], 'prepare.py'))
+    if '--nproc_per_node=8' in text:
+        assert settings['gradient_accumulation_steps'] % 8 == 0
+    if os.path.basename(recipe) == 'train_shakespeare.py':     # the defaults, written out
+        assert {k: v for k, v in defaults.items() if k in assigned} == assigned
+        missing = set(defaults) - set(assigned) - {'device', 'dtype', 'compile', 'backend'}
+        assert not missing, f"train.py settings not written out: {missing}"
+
+
+@pytest.mark.parametrize('recipe', RECIPES, ids=os.path.basename)
+def test_recipe_trains_two_steps(recipe, shakespeare, tmp_path, monkeypatch):
+    """Each recipe, its model and batches shrunk by overrides after it, trains 2 steps (on
+    Shakespeare)."""
+    run = train_in_process([recipe, *TINY, '--block_size=32', '--batch_size=2', '--eval_iters=1',
+                            '--max_iters=2', '--log_interval=1', '--gradient_accumulation_steps=1',
+                            '--dataset=shakespeare', f'--out_dir={tmp_path}'], monkeypatch)
+    assert run['iter_num'] == 2 and math.isfinite(run['losses']['val'])
+    assert os.path.isfile(tmp_path / 'ckpt.pt')
+
+
+def test_train_refuses_a_bad_config_file(tmp_path, monkeypatch, capsys):
+    recipe = write_file(tmp_path / 'recipe.py', 'n_layer = 4\nn_layers = 8\n')
+    with pytest.raises(SystemExit) as e:
+        train_in_process([recipe, f'--out_dir={tmp_path / "out"}'], monkeypatch)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{recipe}:2: unknown setting 'n_layers'; valid keys: out_dir, ")
+    assert len(err.splitlines()) == 1 and not os.path.exists(tmp_path / 'out')   # before any work
 
 
 @pytest.mark.usefixtures('script_state')
