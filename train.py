@@ -10,13 +10,16 @@ Any setting below can be changed from the command line, for example on a laptop 
 
     python train.py --device=cpu --n_layer=4 --n_head=4 --n_embd=128 --block_size=256 --window=64
 
-On several GPUs of one machine, with distributed data parallel (DDP), start it through torchrun:
+or by config files of settings before the options, such as the recipes in config/ (see
+python train.py --help). On several GPUs of one machine, with distributed data parallel (DDP),
+start it through torchrun:
 
-    torchrun --standalone --nproc_per_node=8 train.py
+    torchrun --standalone --nproc_per_node=8 train.py config/train_owt_124m.py
 
 gradient_accumulation_steps counts the micro-batches of one optimizer step over all GPUs
-together, each GPU taking an equal share; a total that is not a multiple of the number of GPUs
-is rounded up, and the log says so: the default 1 becomes 8 above (one each), 12 would be 16.
+together, each GPU taking an equal share (that recipe's 16: two each); a total that is not a
+multiple of the number of GPUs is rounded up, and the log says so: on 8 GPUs the default 1
+becomes 8 (one each), 12 would be 16.
 
 Continue from the last checkpoint in out_dir with --init_from=resume; from scratch, train.py
 refuses an out_dir that holds a checkpoint already. Ctrl-C (or SIGTERM, as a cluster sends
