@@ -38,13 +38,13 @@ from swat import SWAT, SWATConfig, alibi_slopes
 # -----------------------------------------------------------------------------
 sigmoid = 'fast'        # 'fast' (tanh.approx) or 'exact' (tl.sigmoid) in the kernel
 tokens = 32768          # B * T for the six shapes
-seq_len = 16384
-sweep_window = 512
-sweep_lengths = '1024,2048,4096,8192,16384,32768,65536'
+seq_len = 16384         # T for the six shapes (B = tokens / T)
+sweep_window = 512      # the window of the length sweep ...
+sweep_lengths = '1024,2048,4096,8192,16384,32768,65536'  # ... at these T; '' for no sweep
 mode = 'attention'      # 'attention': the kernel and its peers; 'train': whole training steps;
                         # 'loss': the output layer and its cross-entropy
-train_lengths = '4096,16384'
-train_window = 512
+train_lengths = '4096,16384'  # --mode=train: the sequence lengths, comma-separated
+train_window = 512      # --mode=train: SWAT's window
 train_tokens = 32768    # tokens per training step: batch size = train_tokens / length
 train_compile = 'blocks'  # 'blocks': each block on its own, as train.py; 'model': one graph
 fused_loss = True       # swat.FUSED_LOSS in --mode=train: the loss's elementwise work compiled

@@ -33,12 +33,12 @@ from swat import SWAT, SWATConfig, apply_rope, sample
 
 # -----------------------------------------------------------------------------
 batch_sizes = '1,8,64'  # rows generated together, comma-separated
-methods = 'graph,eager,unbounded'
+methods = 'graph,eager,unbounded'  # the ways of generating to time, comma-separated
 tokens = 2048           # tokens per row for each measurement, after a warm-up of 64
 span = 256              # tokens/s is measured over spans of this many tokens
 long_tokens = 0         # > 0: latency at token 1,000 against token long_tokens (graph, batch 1)
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # of the weights and the cache
 apply_overrides(globals(), ['batch_sizes', 'methods', 'tokens', 'span', 'long_tokens', 'device',
                             'dtype'], sys.argv[1:])
 # -----------------------------------------------------------------------------

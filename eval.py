@@ -56,8 +56,9 @@ sink_tokens = 0             # keep the first k tokens of each stretch in view (s
 max_tokens_per_length = 65536  # tokens scored per length, spread over the documents; 0: all
 batch_size = 8              # stretches per forward at most ...
 max_batch_tokens = 16384    # ... and at most this many tokens per forward (one stretch at least)
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', 'mps', ...
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+                            # of the matmuls: 'float32', 'bfloat16', 'float16'
 plot = 'eval.png'           # where to write the plot (needs matplotlib); '' for no plot
 config_keys = ['checkpoints', 'dataset', 'lengths', 'window', 'sink_tokens', 'max_tokens_per_length',
                'batch_size', 'max_batch_tokens', 'device', 'dtype', 'plot']

@@ -69,8 +69,9 @@ preset = 'default'          # a name from PRESETS: the models, the task, the tra
 action = 'all'              # 'commands' (print them), 'train', 'eval', or 'all' (train, then eval)
 out_root = 'out-recall'     # the checkpoints go to out_root/<training>-s<seed>
 jobs = 7 if torch.cuda.is_available() else 1  # trainings at the same time (they share the GPU)
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # of the trainings and the evaluation
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+                            # of the matmuls: 'float32', 'bfloat16', 'float16'
 plot = 'recall.png'         # the plot (PNG; the table goes next to it, as .md); '' for none
 config_keys = ['preset', 'action', 'out_root', 'jobs', 'device', 'dtype', 'plot']
 # -----------------------------------------------------------------------------

@@ -32,9 +32,10 @@ max_new_tokens = 500        # tokens generated per sample
 temperature = 0.8           # < 1.0 sharpens the distribution, > 1.0 flattens it; 0 = greedy
 top_k = 200                 # sample among the top_k most likely tokens only; 0 = all tokens
 sink_tokens = 0             # keep the first sink_tokens tokens in every layer's view too
-seed = 1337
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
+seed = 1337                 # of the sampling
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', 'mps', ...
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+                            # of the weights and the cache: 'float32', 'bfloat16', 'float16'
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]

@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import errno
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from conftest import (DATA, DEVICE, GPU, ROOT, SCRIPT_ENV, SEPARATOR, TINY, TOLE
                       make_bad_checkpoint, needs_gpu, random_inputs, random_slopes,
                       rank_weights_script, relative_error, run, save_tiny_checkpoint,
                       tiny_config, tiny_model, torchrun)
+import configurator
 import eval as eval_script
 import kernel
 import recall
@@ -1891,13 +1893,181 @@ def test_configurator_parses_and_checks_types():
     ('--batch_size', 'valid keys'),
 ])
 def test_configurator_errors(arg, message, capsys):
+    assert message in configurator_error([arg], capsys)
+
+
+def configurator_error(args, capsys):
+    """The one line apply_overrides(defaults(), ..., args) prints before it exits with status 2,
+    changing nothing."""
     cfg = defaults()
     with pytest.raises(SystemExit) as e:
-        apply_overrides(cfg, list(cfg), [arg])
+        apply_overrides(cfg, list(cfg), args)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert len(err.strip().splitlines()) == 1, err
     assert cfg == defaults()                    # nothing half-applied
+    return err.strip()
+
+
+def write_file(path, text):
+    path.write_text(text, encoding='utf-8')
+    return str(path)
+
+
+def test_configurator_runs_config_files_in_turn_then_the_overrides(tmp_path, capsys):
+    """Each file runs with the settings so far in scope; a file's values are checked as the
+    command line's are (an int is fine for a float); the --key=value options come last."""
+    cfg = defaults()
+    first = write_file(tmp_path / 'a.py', '"""A recipe."""\nbatch_size = 32\nlearning_rate = 1\n')
+    second = write_file(tmp_path / 'b.py', "batch_size = 2 * batch_size\ndevice = 'cuda'\n")
+    overrides = apply_overrides(cfg, list(cfg), [first, second, '--device=cpu'])
+    assert cfg == {**defaults(), 'batch_size': 64, 'learning_rate': 1.0, 'device': 'cpu'}
+    assert isinstance(cfg['learning_rate'], float)
+    assert overrides == {'batch_size': 64, 'learning_rate': 1.0, 'device': 'cpu'}
+    assert capsys.readouterr().out.splitlines() == [
+        f"{first}: batch_size = 32", f"{first}: learning_rate = 1.0",
+        f"{second}: batch_size = 64", f"{second}: device = 'cuda'", "override: device = 'cpu'"]
+
+
+@pytest.mark.parametrize('text, message', [
+    ('batch_size = 8\nbach_size = 8\n',           # a typo: the line, and what there is
+     ":2: unknown setting 'bach_size'; valid keys: batch_size, learning_rate, compile"),
+    ('batch_size = 1.5\n', ":1: batch_size = 1.5: expected a value of type int (default 16)"),
+    ('compile = 1\n', ":1: compile = 1: expected True or False"),
+    ('device = 0\n', ":1: device = 0: expected a value of type str (default 'cpu'), got int"),
+    ('\nbatch_size = = 8\n', ":2: invalid syntax"),
+    ('import os\n', ":1: expected an assignment to a setting, like batch_size = 32"),
+    ("batch_size, device = 8, 'cpu'\n", ":1: expected an assignment to a setting"),
+    ('batch_size = 8 // 0\n', ":1: ZeroDivisionError: integer division or modulo by zero"),
+    ('batch_size = size\n', ":1: NameError: name 'size' is not defined"),
+])
+def test_configurator_names_the_file_and_line_of_a_bad_setting(tmp_path, capsys, text, message):
+    path = write_file(tmp_path / 'recipe.py', text)
+    assert configurator_error([path], capsys).startswith(path + message)
+
+
+def test_configurator_refuses_a_config_file_it_cannot_use(tmp_path, capsys):
+    missing = str(tmp_path / 'missing.py')
+    assert configurator_error([missing], capsys).startswith(
+        f"config file {missing}: no such file; give the path of a Python file of settings")
+    assert configurator_error([str(tmp_path)], capsys).startswith(
+        f"config file {tmp_path}: cannot read it (Is a directory)")
+    latin1 = tmp_path / 'latin1.py'
+    latin1.write_bytes("device = 'caf\xe9'\n".encode('latin-1'))
+    assert configurator_error([str(latin1)], capsys) == (
+        f"config file {latin1} is not UTF-8 text: save it as UTF-8")
+    recipe = write_file(tmp_path / 'recipe.py', 'batch_size = 8\n')
+    assert configurator_error(['--batch_size=4', recipe], capsys) == (
+        f"config file {recipe} after --key=value options: name the config files first, then "
+        f"the options that override them")
+
+
+HELP_SCRIPTS = ['train.py', 'sample.py', 'eval.py', 'recall.py', 'bench_generate.py',
+                *sorted(os.path.relpath(path, ROOT)
+                        for path in glob.glob(os.path.join(ROOT, 'data', '*', 'prepare.py')))]
+
+
+@pytest.mark.parametrize('script', HELP_SCRIPTS)
+def test_help_says_what_each_setting_does(script, monkeypatch, capsys):
+    """--help: the usage, config files included, then every setting with the default this
+    machine gets and the comment beside it in the script."""
+    monkeypatch.setattr(sys, 'argv', [script, '--help'])
+    monkeypatch.setattr(sys, 'path', list(sys.path))    # the prepare scripts add the repo root
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python {script} [CONFIG_FILE ...] [--key=value ...]\n")
+    for line in out.split('settings, with their defaults:\n')[1].splitlines():
+        option, _, description = line.strip().partition('  ')
+        assert option.startswith('--') and description.strip(), f"{option}: no description"
+    if script == 'train.py' and not GPU:        # what a CPU gets, not what a GPU would
+        assert '--compile=False ' in out and "--backend='gloo' " in out
+
+
+# =============================================================================
+# The recipes in config/: each loads, passes train.py's checks, and trains
+
+RECIPES = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
+
+
+class Settings(Exception):
+    """Raised by the stand-in for apply_overrides: the settings of a script and their defaults."""
+
+
+def script_defaults(script, monkeypatch):
+    """{setting: default} of a script that calls apply_overrides, as it defines them on this
+    machine: the script runs up to that call, and no further."""
+    def stop(config, keys, args=None):
+        raise Settings({key: config[key] for key in keys})
+
+    with monkeypatch.context() as m:
+        m.setattr(configurator, 'apply_overrides', stop)
+        with pytest.raises(Settings) as e:
+            runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
+    return e.value.args[0]
+
+
+def train_in_process(args, monkeypatch):
+    """Run `python train.py args` in this process; return its globals. On a CPU the attention
+    runs the einsum reference; the signal handlers, random state and matmul precision train.py
+    sets are put back afterwards."""
+    monkeypatch.setattr(kernel, 'INTERPRET', False)
+    monkeypatch.setattr(sys, 'argv', ['train.py', *args])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    precision = torch.get_float32_matmul_precision()
+    try:
+        with torch.random.fork_rng():
+            return runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        torch.set_float32_matmul_precision(precision)
+
+
+@pytest.mark.parametrize('recipe', RECIPES, ids=os.path.basename)
+def test_recipe_passes_the_checks(recipe, monkeypatch):
+    """Two comment lines on top (what, where, how long, to what loss); values of the types of
+    train.py's settings that pass its checks and make a valid model; a dataset with a prepare
+    script; on 8 GPUs, a whole number of micro-batches per GPU."""
+    with open(recipe, encoding='utf-8') as f:
+        text = f.read()
+    head = text.splitlines()[:2]
+    assert all(line.startswith('# ') for line in head) and 'loss' in head[1]
+    assert 'measured' in head[1] or head[1].startswith('# Not run here: ')
+    defaults = script_defaults('train.py', monkeypatch)
+    settings = dict(defaults)
+    assigned = apply_overrides(settings, list(settings), [recipe])
+    check_settings(settings)
+    SWATConfig(**{f.name: settings[f.name] for f in fields(SWATConfig)})
+    assert os.path.isfile(os.path.join(ROOT, 'data', settings['dataset'], 'prepare.py'))
+    if '--nproc_per_node=8' in text:
+        assert settings['gradient_accumulation_steps'] % 8 == 0
+    if os.path.basename(recipe) == 'train_shakespeare.py':     # the defaults, written out
+        assert {k: v for k, v in defaults.items() if k in assigned} == assigned
+        missing = set(defaults) - set(assigned) - {'device', 'dtype', 'compile', 'backend'}
+        assert not missing, f"train.py settings not written out: {missing}"
+
+
+@pytest.mark.parametrize('recipe', RECIPES, ids=os.path.basename)
+def test_recipe_trains_two_steps(recipe, shakespeare, tmp_path, monkeypatch):
+    """Each recipe, its model and batches shrunk by overrides after it, trains 2 steps (on
+    Shakespeare)."""
+    run = train_in_process([recipe, *TINY, '--block_size=32', '--batch_size=2', '--eval_iters=1',
+                            '--max_iters=2', '--log_interval=1', '--gradient_accumulation_steps=1',
+                            '--dataset=shakespeare', f'--out_dir={tmp_path}'], monkeypatch)
+    assert run['iter_num'] == 2 and math.isfinite(run['losses']['val'])
+    assert os.path.isfile(tmp_path / 'ckpt.pt')
+
+
+def test_train_refuses_a_bad_config_file(tmp_path, monkeypatch, capsys):
+    recipe = write_file(tmp_path / 'recipe.py', 'n_layer = 4\nn_layers = 8\n')
+    with pytest.raises(SystemExit) as e:
+        train_in_process([recipe, f'--out_dir={tmp_path / "out"}'], monkeypatch)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{recipe}:2: unknown setting 'n_layers'; valid keys: out_dir, ")
+    assert len(err.splitlines()) == 1 and not os.path.exists(tmp_path / 'out')   # before any work
 
 
 @pytest.mark.usefixtures('script_state')

@@ -10,13 +10,16 @@ Any setting below can be changed from the command line, for example on a laptop 
 
     python train.py --device=cpu --n_layer=4 --n_head=4 --n_embd=128 --block_size=256 --window=64
 
-On several GPUs of one machine, with distributed data parallel (DDP), start it through torchrun:
+or by config files of settings before the options, such as the recipes in config/ (see
+python train.py --help). On several GPUs of one machine, with distributed data parallel (DDP),
+start it through torchrun:
 
-    torchrun --standalone --nproc_per_node=8 train.py
+    torchrun --standalone --nproc_per_node=8 train.py config/train_owt_124m.py
 
 gradient_accumulation_steps counts the micro-batches of one optimizer step over all GPUs
-together, each GPU taking an equal share; a total that is not a multiple of the number of GPUs
-is rounded up, and the log says so: the default 1 becomes 8 above (one each), 12 would be 16.
+together, each GPU taking an equal share (that recipe's 16: two each); a total that is not a
+multiple of the number of GPUs is rounded up, and the log says so: on 8 GPUs the default 1
+becomes 8 (one each), 12 would be 16.
 
 Continue from the last checkpoint in out_dir with --init_from=resume; from scratch, train.py
 refuses an out_dir that holds a checkpoint already. Ctrl-C (or SIGTERM, as a cluster sends
@@ -46,7 +49,7 @@ from training import (StopFlag, changed_settings, check_mask_file, check_out_dir
 # -----------------------------------------------------------------------------
 # default settings: a small SWAT on Shakespeare
 # I/O
-out_dir = 'out'
+out_dir = 'out'             # where checkpoints go: out_dir/ckpt.pt
 eval_interval = 250         # evaluate (and maybe save a checkpoint) every this many iterations
 log_interval = 10           # log (and check for NaN and stop signals) every this many steps
 eval_iters = 50             # batches averaged per loss estimate
@@ -61,33 +64,34 @@ example_length = 0          # > 0: the corpus is a sequence of examples this lon
                             # sequence starts at one (data/recall: block_size + 1)
 # model: every setting named like a field of swat.SWATConfig
 window = 128                # keys each query sees, itself included
-n_layer = 6
-n_head = 6
-n_embd = 384
+n_layer = 6                 # transformer blocks
+n_head = 6                  # attention heads per block
+n_embd = 384                # the width; the head size n_embd / n_head must be 16, 32, 64 or 128
 dropout = 0.2               # a small corpus overfits quickly; 0.0 for pretraining on large data
 attn = 'sigmoid'            # 'sigmoid' (SWAT) or 'softmax' (the sliding-window baseline)
 alibi = 'balanced'          # 'balanced', 'balanced_paper_code', 'negative', 'positive', 'none'
-rope = True
+rope = True                 # rotate queries and keys by position (RoPE)
 rope_base = 10000.0         # RoPE's base period
 vocab_size = 50304          # GPT-2's 50257 tokens padded up to a multiple of 64
 # AdamW optimizer
 learning_rate = 1e-3        # peak learning rate
 max_iters = 2000            # total optimizer steps
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
+weight_decay = 0.1          # of the weight matrices and embeddings, not the norms' gains
+beta1 = 0.9                 # AdamW's decay rate of the gradient's running mean ...
+beta2 = 0.95                # ... and of its square's
 grad_clip = 1.0             # clip the gradient norm at this value; 0.0 disables clipping
 # learning rate schedule: linear warmup, then cosine decay down to min_lr
-warmup_iters = 100
+warmup_iters = 100          # steps of linear warmup up to learning_rate
 lr_decay_iters = 2000       # usually = max_iters
 min_lr = 1e-4               # usually ~ learning_rate / 10
 # distributed training (under torchrun)
-backend = 'nccl'            # 'nccl' for GPUs; with --device=cpu the default becomes 'gloo'
+backend = 'nccl' if torch.cuda.is_available() else 'gloo'  # 'gloo' too with --device=cpu
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', 'mps', ...
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
-compile = True              # torch.compile the model (on a CPU only when asked: --compile=True)
-seed = 1337
+                            # of the matmuls: 'float32', 'bfloat16', 'float16' (loss-scaled)
+compile = torch.cuda.is_available()  # torch.compile each block; on a CPU only when asked
+seed = 1337                 # of the weights' initialisation, the batches and dropout
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -121,6 +125,7 @@ try:
         check_out_dir(out_dir, init_from)
 except SystemExit as e:
     fail(e.code)                            # printed once, not once per process
+# --device=cpu on a GPU machine: the defaults above were those for the GPU
 if device_type != 'cuda' and 'backend' not in overrides:
     backend = 'gloo'                        # NCCL only moves GPU tensors
 if device_type != 'cuda' and 'compile' not in overrides:
