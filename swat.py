@@ -713,12 +713,17 @@ def sample(logits, temperature, top_k):
     (the Gumbel-max trick): no normalisation, and no multinomial, which a CUDA graph cannot hold."""
     if temperature == 0:                                # the limit of ever lower temperatures
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
     if top_k is not None:
         kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float('-inf'))
     gumbel = -torch.log(-torch.log(torch.rand_like(logits)))
-    return (logits + gumbel).argmax(dim=-1, keepdim=True)
+    # argmax(logits / T + gumbel) is argmax(logits + T * gumbel): scale by whichever of 1 / T and
+    # T is at most 1, so that nothing overflows (logits / 1e-45 is inf in float32). A T whose
+    # noise vanishes next to the logits then gives the greedy token, the limit as T -> 0.
+    if temperature < 1:
+        return (logits + temperature * gumbel).argmax(dim=-1, keepdim=True)
+    return (logits / temperature + gumbel).argmax(dim=-1, keepdim=True)
 
 
 class CUDAGraphStep:

@@ -597,6 +597,8 @@ def test_generate_temperature_zero_is_greedy():
     assert torch.equal(model.generate(PROMPT, 6, top_k=1), greedy)
     # and the first one is the argmax of the full forward
     assert greedy[0, 5] == model(PROMPT)[0][0, -1].argmax()
+    # a temperature too small for logits / temperature to fit a float32 is greedy too
+    assert torch.equal(model.generate(PROMPT, 6, temperature=1e-45), greedy)
 
 
 @pytest.mark.usefixtures('reference_attention')
@@ -736,10 +738,20 @@ def test_sampling_draws_from_the_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
     assert torch.equal(swat.sample(logits, 0, None), torch.zeros(20000, 1, dtype=torch.long))
     assert set(swat.sample(logits, 1.0, 2).flatten().tolist()) == {0, 1}
-    for temperature in (0.5, 1.0, 2.0):
+    for temperature in (0.5, 1.0, 2.0, 1e39):  # (1e39: inf as a float32; uniform, its limit)
         counts = torch.bincount(swat.sample(logits, temperature, None).flatten(), minlength=4)
         p = F.softmax(logits[0] / temperature, dim=-1)
         assert ((counts / 20000 - p).abs() <= 5 * (p * (1 - p) / 20000).sqrt()).all(), counts
+
+
+@pytest.mark.parametrize('temperature', [1e-45, 1e-38, 1e-30])
+def test_tiny_temperatures_are_greedy(temperature):
+    """However small the temperature, nothing overflows (100 / 1e-38 is inf in float32, and so
+    are the logits of several tokens): it picks the most likely token, as temperature 0 does."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[50.0, 30.0, 100.0, -100.0]]).repeat(1000, 1)
+    assert torch.equal(swat.sample(logits, temperature, None), torch.full((1000, 1), 2))
+    assert torch.equal(swat.sample(logits, temperature, 2), torch.full((1000, 1), 2))
 
 
 @pytest.mark.usefixtures('reference_attention')
