@@ -1960,6 +1960,16 @@ def test_sample_prompt_file_errors(tmp_path, prompt, message):
 
 
 @pytest.mark.usefixtures('script_state')
+def test_sample_refuses_a_prompt_beyond_the_models_vocabulary(tmp_path):
+    model = tiny_model(attn='softmax')          # vocab_size=V: 'ROMEO:' encodes to larger ids
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config)},
+               tmp_path / 'ckpt.pt')
+    message = exit_message(sample.main, [f'--out_dir={tmp_path}', '--device=cpu',
+                                         '--start=ROMEO:'])
+    assert f'vocab_size={V}' in message and str(tmp_path / 'ckpt.pt') in message
+
+
+@pytest.mark.usefixtures('script_state')
 def test_sample_checks_the_device_before_the_checkpoint(tmp_path):
     """There is no GPU cuda:99 on any machine: the message says so (not a torch.load hint about
     map_location), before the (corrupt) checkpoint is read."""
