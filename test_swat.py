@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -47,6 +48,7 @@ import runtime
 import sample
 import swat
 import tokenizer
+import training
 from configurator import apply_overrides
 from kernel import swat_attention, swat_attention_reference, swat_backward, swat_forward
 from swat import (SWAT, CheckpointError, SWATConfig, alibi_slopes, apply_rope, load_checkpoint,
@@ -57,8 +59,9 @@ from recall import (FACT, KEY_BASE, MIN_DISTANCE, PRESETS, QUERY, TASKS, TRAININ
 from tokenizer import EOT, gpt2_tokenizer
 from training import (StopFlag, changed_settings, check_mask_file, check_out_dir, check_settings,
                       check_token_file, get_batch, get_lr, load_for_resume, mask_path,
-                      merge_model_args, micro_batches_per_process, out_of_memory_advice,
-                      prepare_dataset, restore_rng_state, rng_state, save_checkpoint_file)
+                      merge_model_args, micro_batches_per_process, non_finite,
+                      out_of_memory_advice, prepare_dataset, restore_rng_state, rng_state,
+                      save_checkpoint_file)
 
 slow = pytest.mark.slow
 
@@ -919,6 +922,59 @@ def test_save_checkpoint_file_on_a_full_disk_keeps_the_old_one(tmp_path, monkeyp
     assert reason in message and path in message and '--init_from=resume' in message
     assert os.listdir(tmp_path) == ['ckpt.pt']          # no ckpt.pt.tmp left behind
     assert file_hash(path) == before
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with room for `room` bytes: a write beyond them fails, as a full disk's."""
+    room = 100_000
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_save_checkpoint_file_when_torch_finds_the_disk_full(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a RuntimeError (raised while handling the OSError),
+    not as an OSError: the same one line, and nothing left behind."""
+    path = write_checkpoint(tmp_path)
+    before = file_hash(path)
+    monkeypatch.setattr(training, 'open', FullDisk, raising=False)  # save_checkpoint_file's open
+    message = exit_message(save_checkpoint_file, {'model': {'w': torch.zeros(100_000)}}, path)
+    assert 'disk full' in message and path in message and '--init_from=resume' in message
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and file_hash(path) == before
+
+
+@pytest.mark.parametrize('state, name', [
+    ({'model': {'a': torch.ones(3), 'b': torch.tensor([1.0, float('nan')])}}, 'model.b'),
+    ({'optimizer': {'state': {0: {'step': torch.tensor(3.0), 'exp_avg_sq': torch.tensor(
+        [float('inf')])}}, 'param_groups': [{'lr': 0.1, 'params': [0]}]}},
+     'optimizer.state.0.exp_avg_sq'),
+    ({'model': {'ids': torch.arange(3), 'w': torch.ones(2, dtype=torch.bfloat16)}}, None),
+])
+def test_non_finite_names_the_first_broken_tensor(state, name):
+    assert non_finite(state) == name
+
+
+class SignalledAtOnce:
+    """A StopFlag that has had a SIGTERM already: train.py saves at its first log step."""
+    signum = signal.SIGTERM
+
+
+@pytest.mark.usefixtures('script_state')
+def test_a_stop_signal_never_saves_broken_weights(shakespeare, tmp_path, monkeypatch):
+    """A stop signal saves at the next log step with no evaluation first. With a learning rate
+    of 1e30 the second step breaks the weights after its loss was computed (still finite):
+    train.py stops as diverged and the checkpoint of step 0 stays. In this process, tiny."""
+    monkeypatch.setattr(training, 'StopFlag', SignalledAtOnce)
+    monkeypatch.setattr(sys, 'argv', ['train.py', *TINY, f'--out_dir={tmp_path}',
+                                      '--learning_rate=1e30', '--grad_clip=0.0',
+                                      '--warmup_iters=0', '--log_interval=2'])
+    message = exit_message(runpy.run_path, os.path.join(ROOT, 'train.py'), None, '__main__')
+    assert 'holds NaN or inf at iter 2: training diverged' in message, message
+    assert 'still holds the last good state' in message
+    ckpt = load_ckpt(tmp_path)
+    assert ckpt['iter_num'] == 0 and non_finite(ckpt) is None
 
 
 def token_file(tmp_path, tokens=None, raw=None):

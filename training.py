@@ -93,13 +93,31 @@ def save_checkpoint_file(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             os.remove(tmp_path)             # of no use, and it takes the space that is missing
-        reason = 'disk full' if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        # torch.save reports a failed write as a RuntimeError, raised while handling the OSError
+        error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(error, OSError):
+            raise                           # not the disk: a bug, with its traceback
+        reason = 'disk full' if error.errno == errno.ENOSPC else (error.strerror or str(error))
         raise SystemExit(f"cannot save the checkpoint {path} ({reason}); the previous one there, "
                          f"if any, is intact: make room (or pick another --out_dir, with "
                          f"ckpt.pt copied over) and continue with --init_from=resume") from None
+
+
+def non_finite(state, name=''):
+    """The name of the first floating-point tensor of state (a state_dict: tensors in dicts and
+    lists) that holds a NaN or an infinity, e.g. 'model.lm_head.weight'; None if there is none."""
+    if isinstance(state, torch.Tensor):
+        return name if state.is_floating_point() and not torch.isfinite(state).all() else None
+    if isinstance(state, (dict, list, tuple)):
+        items = state.items() if isinstance(state, dict) else enumerate(state)
+        for key, value in items:
+            found = non_finite(value, f"{name}.{key}" if name else str(key))
+            if found:
+                return found
+    return None
 
 
 def check_token_file(path, block_size, vocab_size, example_length=0):
