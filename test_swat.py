@@ -1344,6 +1344,11 @@ def test_prepare_dataset(tmp_path, monkeypatch, capsys):
     data_dir.mkdir()
     message = exit_message(prepare_dataset, str(data_dir), False)
     assert "dataset 'tiny'" in message and 'prepare.py' in message
+    assert 'train.bin and ' in message and 'val.bin' in message
+    (data_dir / 'train.bin').write_bytes(b'ab')             # one of the two: that one is named
+    message = exit_message(prepare_dataset, str(data_dir), False)
+    assert 'val.bin' in message and 'train.bin' not in message
+    (data_dir / 'train.bin').unlink()
     (data_dir / 'prepare.py').write_text(
         "import os, sys\n"
         "assert sys.argv == [__file__], sys.argv\n"         # not train.py's --key=value options

@@ -255,12 +255,13 @@ def get_batch(data_dir, split, key, seed, block_size, batch_size, micro_step=0, 
 def prepare_dataset(data_dir, ddp):
     """Make data_dir/{train,val}.bin with data_dir/prepare.py if either is missing."""
     bin_paths = [os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')]
-    if all(os.path.exists(p) for p in bin_paths):
+    missing = [p for p in bin_paths if not os.path.exists(p)]
+    if not missing:
         return
     dataset, prepare_script = os.path.basename(data_dir), os.path.join(data_dir, 'prepare.py')
     if not os.path.exists(prepare_script):
-        raise SystemExit(f"dataset {dataset!r}: {bin_paths[0]} and {bin_paths[1]} are missing "
-                         f"and there is no {prepare_script} to make them")
+        raise SystemExit(f"dataset {dataset!r} lacks {' and '.join(missing)}, and there is no "
+                         f"{prepare_script} to make it")
     if ddp:                                 # not N processes writing the same files at once
         raise SystemExit(f"dataset {dataset!r} is not tokenized yet: run python {prepare_script} "
                          f"first")
