@@ -93,7 +93,7 @@ def load_model(path, eval_window, full_window, device):
     try:
         # first what it was trained with, then the model around the same weights with the
         # window to read with (reading the file twice costs little next to the evaluation)
-        args = load_checkpoint(path)['model_args']
+        args = load_checkpoint(path, option='--checkpoints')['model_args']
         trained = args['window']
         if eval_window == 0:
             # a model trained with window >= block_size saw full causal attention in training

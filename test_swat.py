@@ -2052,6 +2052,10 @@ def test_scripts_refuse_bad_checkpoints_in_one_line(tmp_path, kind, script):
     else:
         message = exit_message(eval_script.load_model, str(tmp_path), 0, 1024, 'cpu')
     assert str(path) in message
+    if kind in ('missing', 'directory'):        # the fix names the script's own option
+        option, other = (('--out_dir', '--checkpoints') if script == 'sample' else
+                         ('--checkpoints', '--out_dir'))
+        assert option in message and other not in message, message
 
 
 EVAL = runpy.run_path(os.path.join(ROOT, 'eval.py'))    # its functions; main() does not run
