@@ -2022,9 +2022,7 @@ def test_sample_prompt_file_errors(tmp_path, prompt, message):
 
 @pytest.mark.usefixtures('script_state')
 def test_sample_refuses_a_prompt_beyond_the_models_vocabulary(tmp_path):
-    model = tiny_model(attn='softmax')          # vocab_size=V: 'ROMEO:' encodes to larger ids
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config)},
-               tmp_path / 'ckpt.pt')
+    save_small_vocabulary_checkpoint(tmp_path)  # vocab_size=V: 'ROMEO:' encodes to larger ids
     message = exit_message(sample.main, [f'--out_dir={tmp_path}', '--device=cpu',
                                          '--start=ROMEO:'])
     assert f'vocab_size={V}' in message and str(tmp_path / 'ckpt.pt') in message
@@ -2183,10 +2181,48 @@ def test_eval_names_the_datasets_that_exist(tmp_path, monkeypatch):
     message = exit_message(eval_script.main, ['--checkpoints=nosuch', '--dataset=mini',
                                               *EVAL_ARGS])
     assert 'run python data/mini/prepare.py first' in message
-    (tmp_path / 'mini' / 'val.bin').write_bytes(b'')        # what an old prepare could leave
-    message = exit_message(eval_script.main, ['--checkpoints=nosuch', '--dataset=mini',
+
+
+def save_small_vocabulary_checkpoint(out_dir):
+    """out_dir/ckpt.pt of an untrained tiny softmax model with vocab_size=V."""
+    model = tiny_model(attn='softmax')
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config)},
+               os.path.join(out_dir, 'ckpt.pt'))
+
+
+@pytest.mark.usefixtures('script_state')
+@pytest.mark.parametrize('content, expected', [
+    (b'', 'has 0 bytes'),                               # what an old prepare could leave
+    (b'\x01\x00\x02', 'has 3 bytes'),                    # not uint16
+    (np.array([1, 2, V, 3], dtype=np.uint16).tobytes(), f'token id {V}, but the model has '
+                                                        f'vocab_size={V}'),
+], ids=['empty', 'odd-sized', 'beyond the vocabulary'])
+def test_eval_checks_the_data_as_train_py_does(tmp_path, monkeypatch, content, expected):
+    """training.check_token_file, before any evaluation, against the checkpoints' vocabulary."""
+    (tmp_path / 'mini').mkdir()
+    (tmp_path / 'mini' / 'prepare.py').write_text('')
+    (tmp_path / 'mini' / 'val.bin').write_bytes(content)
+    monkeypatch.setattr(eval_script, 'DATA_DIR', str(tmp_path))
+    save_small_vocabulary_checkpoint(tmp_path)
+    message = exit_message(eval_script.main, [f'--checkpoints={tmp_path}', '--dataset=mini',
                                               *EVAL_ARGS])
-    assert 'is empty: run python data/mini/prepare.py again' in message
+    assert expected in message and os.path.join('mini', 'prepare.py') in message, message
+
+
+@pytest.mark.usefixtures('script_state')
+def test_eval_checks_the_plot_before_any_work(shakespeare, tmp_path):
+    """Before the checkpoint (missing here) is read: a format matplotlib needs other software
+    for, a folder that is a file; a folder that is missing is made."""
+    (tmp_path / 'a_file').write_text('')
+    for plot, expected in [('eval.jpg', "plot='eval.jpg': expected a file name ending in .png"),
+                           (tmp_path / 'a_file' / 'eval.png', 'is a file, not a folder')]:
+        message = exit_message(eval_script.main, ['--checkpoints=nosuch', '--device=cpu',
+                                                  f'--plot={plot}'])
+        assert expected in message and '--plot' in message, message
+    plot = tmp_path / 'new' / 'eval.svg'
+    message = exit_message(eval_script.main, ['--checkpoints=nosuch', '--device=cpu',
+                                              f'--plot={plot}'])
+    assert 'no checkpoint' in message and plot.parent.is_dir()
 
 
 def test_stretches_stay_inside_documents():

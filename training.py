@@ -59,11 +59,24 @@ def micro_batches_per_process(total, world_size):
     return per_process * world_size, per_process
 
 
+def check_folder(folder, setting):
+    """Make folder if need be, and make sure that files can be written in it: before any work,
+    not when the results are ready. Else stop with one line naming --setting, the option that
+    gave the folder."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f"{folder!r} is a file, not a folder: pass another --{setting}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):   # a file made and removed: we can write
+            pass
+    except OSError as e:                    # a file on the way, no permission, read-only disk
+        raise SystemExit(f"cannot write to {folder!r} ({e.strerror or e}): pass a --{setting} "
+                         f"you can write to") from None
+
+
 def check_out_dir(out_dir, init_from):
     """Make out_dir if needed and make sure that a checkpoint can be written there, before any
     training; refuse to train from scratch over a checkpoint that is already there."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise SystemExit(f"out_dir={out_dir!r} is a file, not a folder: pass another --out_dir")
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if os.path.exists(ckpt_path) and not os.path.isfile(ckpt_path):
         raise SystemExit(f"{ckpt_path} is not a file, so no checkpoint can be saved there: "
@@ -71,13 +84,7 @@ def check_out_dir(out_dir, init_from):
     if init_from == 'scratch' and os.path.exists(ckpt_path):
         raise SystemExit(f"{ckpt_path} exists and training from scratch would overwrite it: "
                          f"continue it with --init_from=resume, or pass another --out_dir")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir):  # a file made and removed: we can write
-            pass
-    except OSError as e:                    # a file on the way, no permission, read-only disk
-        raise SystemExit(f"cannot write to out_dir={out_dir!r} ({e.strerror or e}): pass an "
-                         f"--out_dir you can write to") from None
+    check_folder(out_dir, 'out_dir')
 
 
 def save_checkpoint_file(checkpoint, path):
@@ -122,16 +129,18 @@ def non_finite(state, name=''):
 
 def check_token_file(path, block_size, vocab_size, example_length=0):
     """Stop unless path is a file of uint16 token ids (2 bytes each), at least block_size + 1
-    of them (a sequence and its targets, shifted by one), all below vocab_size; with
-    example_length > 0 (see get_batch), a whole number of examples of that many tokens, each
-    long enough for a sequence and its targets. One pass over the file, once at the start;
-    returns the number of tokens."""
+    of them (a sequence and its targets, shifted by one; block_size=0: at least one), all below
+    vocab_size; with example_length > 0 (see get_batch), a whole number of examples of that many
+    tokens, each long enough for a sequence and its targets. Every script that reads a .bin
+    checks it so, before any work. One pass over the file; returns the number of tokens."""
     if example_length and example_length < block_size + 1:    # (a negative one too)
         raise SystemExit(f"--example_length={example_length}: expected 0 (sequences at any "
                          f"offset) or the length of the corpus's examples, at least block_size "
                          f"+ 1 = {block_size + 1} (data/recall: --example_length="
                          f"{block_size + 1})")
-    remake = "make it again with the dataset's prepare.py"
+    prepare_script = os.path.join(os.path.dirname(path), 'prepare.py')
+    remake = (f"make it again with python {prepare_script}" if os.path.isfile(prepare_script)
+              else "make it again")
     if not os.path.isfile(path):
         raise SystemExit(f"{path} is not a file: {remake}")
     size = os.path.getsize(path)
@@ -151,8 +160,8 @@ def check_token_file(path, block_size, vocab_size, example_length=0):
     largest = int(data.max())
     if largest >= vocab_size:               # the embedding lookup would fail mid-training
         raise SystemExit(f"{path} holds the token id {largest}, but the model has "
-                         f"vocab_size={vocab_size}: it was made by another tokenizer (or "
-                         f"--vocab_size is too small); {remake}")
+                         f"vocab_size={vocab_size}: it was made by another tokenizer, or the "
+                         f"model's vocab_size is too small; {remake}")
     return len(data)
 
 
