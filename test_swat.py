@@ -890,9 +890,6 @@ def test_check_out_dir_refuses_what_cannot_hold_a_checkpoint(tmp_path):
 
 
 def test_check_out_dir_refuses_a_read_only_folder(tmp_path, monkeypatch):
-    # (chmod does not stop root, who runs the tests in some containers: fake the refusal)
-    def read_only(*args, **kwargs):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
     monkeypatch.setattr(tempfile, 'NamedTemporaryFile', read_only)
     message = exit_message(check_out_dir, str(tmp_path), 'scratch')
     assert 'Read-only file system' in message and '--out_dir' in message
@@ -2510,8 +2507,7 @@ def test_model_predictor_picks_among_the_values():
 
 def test_prepare_writes_the_answers_and_only_them(tmp_path):
     p = dataclasses.replace(RECALL_TINY, train_examples=40, val_examples=12)
-    prepare = runpy.run_path(os.path.join(ROOT, 'data', 'recall', 'prepare.py'))['prepare']
-    counts = prepare(p, str(tmp_path))
+    counts = RECALL_PREPARE(p, str(tmp_path))
     for split, n in (('train', 40), ('val', 12)):
         tokens = np.fromfile(tmp_path / f'{split}.bin', dtype=np.uint16).astype(np.int64)
         mask = np.fromfile(tmp_path / f'{split}_mask.bin', dtype=np.uint8)
@@ -2807,6 +2803,56 @@ def test_prepare_missing_or_wrong_paths(tmp_path, out_dir, script):
     assert (f'--out_dir={nowhere} is not a directory: create it first'
             in exit_message(prepare, nowhere, good_sample))
     assert not os.path.exists(nowhere)
+
+
+def read_only(*args, **kwargs):
+    """What opening a file for writing does on a read-only disk (chmod does not stop root,
+    who runs the tests in some containers: the refusal is faked)."""
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+def writing_to(disk):
+    """open, except that a file opened for writing is disk's: a FullDisk, or read_only."""
+    return lambda path, mode='r', **kwargs: (disk(path, mode) if 'w' in mode else
+                                             open(path, mode, **kwargs))
+
+
+@pytest.mark.parametrize('disk, expected', [(read_only, 'Read-only file system'),
+                                            (FullDisk, 'disk full')])
+def test_prepare_keeps_the_bins_when_the_disk_fails(tmp_path, out_dir, monkeypatch, disk,
+                                                    expected):
+    monkeypatch.setattr(FullDisk, 'room', 100)
+    monkeypatch.setattr(tokenizer, 'open', writing_to(disk), raising=False)
+    sample = os.path.join(ROOT, 'data', 'openwebtext', 'sample.jsonl')
+    message = exit_message(PREPARE['openwebtext'], str(out_dir), sample)
+    assert expected in message and str(out_dir) in message and '--out_dir' in message
+    assert_bins_untouched(out_dir)
+
+
+RECALL_PREPARE = runpy.run_path(os.path.join(ROOT, 'data', 'recall', 'prepare.py'))['prepare']
+
+
+@pytest.mark.parametrize('case, expected', [
+    ('negative seed', '--seed=-1: expected 0 or more'),
+    ('out_dir a file', 'is a file, not a folder: pass another --out_dir'),
+    ('read-only out_dir', 'Read-only file system'),
+    ('full disk', 'disk full'),
+])
+def test_recall_prepare_refuses_what_cannot_work(tmp_path, out_dir, monkeypatch, case, expected):
+    """One line, and the files that were there stay as they were."""
+    p = dataclasses.replace(RECALL_TINY, train_examples=40, val_examples=12)
+    folder, seed = str(out_dir), 0
+    if case == 'negative seed':
+        seed = -1
+    elif case == 'out_dir a file':
+        folder = str(out_dir / 'train.bin')
+    elif case == 'read-only out_dir':
+        monkeypatch.setattr(tempfile, 'NamedTemporaryFile', read_only)     # check_folder's probe
+    else:
+        monkeypatch.setattr(FullDisk, 'room', 100)
+        monkeypatch.setattr(tokenizer, 'open', writing_to(FullDisk), raising=False)
+    assert expected in exit_message(RECALL_PREPARE, p, folder, seed)
+    assert_bins_untouched(out_dir)
 
 
 def test_prepare_shakespeare_into_a_missing_folder(tmp_path):
