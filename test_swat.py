@@ -2617,6 +2617,75 @@ def test_eval_of_untrained_checkpoints(recall_settings, tmp_path, capsys, monkey
     assert '| sigmoid, positive ALiBi |' not in table
 
 
+class QuickClock:
+    """recall.py's time, with sleeps of 10 ms: its loop sees the trainings end sooner."""
+    time = staticmethod(time.time)
+
+    @staticmethod
+    def sleep(seconds):
+        time.sleep(0.01)
+
+
+class TimeoutClock(QuickClock):
+    """... and at the first sleep, a SIGTERM comes: what `timeout` sends."""
+    @staticmethod
+    def sleep(seconds):
+        # (with no handler of recall.py's, the signal would end the test run itself)
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), \
+            'SIGTERM kills recall.py at once, and its trainings run on'
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+
+
+def run_fake_trainings(monkeypatch, tmp_path, program, clock):
+    """recall.py --action=train on the tiny preset, 2 at a time, where each train.py is
+    `python -c program` instead. Returns the SystemExit message and (process, its exit code
+    when recall.py returned: None if still running) for each process started."""
+    started = []
+
+    def run_command(cmd, **kwargs):
+        started.append(subprocess.Popen([sys.executable, '-c', program], **kwargs))
+        return started[-1]
+    monkeypatch.setattr(recall, 'run_command', run_command)
+    monkeypatch.setattr(recall, 'data_is_prepared', lambda p: True)
+    monkeypatch.setattr(recall, 'time', clock)
+    try:
+        message = exit_message(recall.main, ['--preset=tiny', '--action=train', '--jobs=2',
+                                             f'--out_root={tmp_path}', '--device=cpu'])
+        return message, [(process, process.poll()) for process in started]
+    finally:
+        for process in started:             # (none is left running, whatever happened)
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.usefixtures('recall_settings', 'script_state')
+def test_recall_names_the_error_of_a_failed_training(tmp_path, monkeypatch):
+    message, started = run_fake_trainings(
+        monkeypatch, tmp_path, 'import sys; sys.exit("--n_head=3: the fix")', QuickClock)
+    assert 'failed (exit 1): --n_head=3: the fix' in message and 'train.log' in message
+    assert all(code is not None for _, code in started)     # the other one was stopped
+
+
+@pytest.mark.usefixtures('recall_settings', 'script_state')
+def test_stopping_recall_stops_its_trainings(tmp_path, monkeypatch):
+    """A SIGTERM to recall.py is passed on to the trainings (which save a checkpoint and exit)
+    and waited for: none runs on after recall.py."""
+    before = signal.getsignal(signal.SIGTERM)
+    message, started = run_fake_trainings(
+        monkeypatch, tmp_path, 'import time; time.sleep(60)', TimeoutClock)
+    assert 'stopped' in message and 'run the same command to continue' in message
+    assert [code for _, code in started] == [-signal.SIGTERM] * 2
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.usefixtures('recall_settings')
+def test_recall_checks_the_device_before_the_data(monkeypatch):
+    monkeypatch.setattr(recall, 'run_trainings', None)         # never reached
+    message = exit_message(recall.main, ['--preset=tiny', '--action=all', '--device=cuda:99'])
+    assert "device='cuda:99'" in message
+
+
 def test_eval_says_what_is_not_trained(recall_settings, tmp_path, capsys):
     with pytest.raises(SystemExit, match='no finished training'):
         recall.main(['--preset=tiny', '--action=eval', f'--out_root={tmp_path}', '--plot=',
