@@ -41,6 +41,7 @@ from conftest import (DATA, DEVICE, GPU, ROOT, SCRIPT_ENV, SEPARATOR, TINY, TOLE
                       make_bad_checkpoint, needs_gpu, random_inputs, random_slopes,
                       rank_weights_script, relative_error, run, save_tiny_checkpoint,
                       tiny_config, tiny_model, torchrun)
+import bench_generate
 import eval as eval_script
 import kernel
 import recall
@@ -2958,6 +2959,23 @@ def test_prepare_command_lines(tmp_path, out_dir):
 ])
 def test_check_device_names_what_is_not_here(device, message):
     assert message in exit_message(runtime.check_device, device)
+
+
+@pytest.mark.usefixtures('script_state')
+@pytest.mark.parametrize('args, message', [
+    (['--batch_sizes=1,a'], "batch_sizes='1,a': expected comma-separated integers"),
+    (['--batch_sizes=8,0'], "batch_sizes='8,0': every batch size must be 1 or more"),
+    (['--methods=graph,fast'], "methods='graph,fast': expected some of graph, eager, unbounded"),
+    (['--span=0'], 'span=0: expected 1 or more'),
+    (['--tokens=300', '--span=256'], 'tokens=300 with span=256: expected tokens >= 2 * span + '
+                                     '100'),
+    (['--long_tokens=500'], 'long_tokens=500: expected 0 (no long run) or at least 1200'),
+    (['--long_tokens=-1'], 'long_tokens=-1: expected 0 (no long run) or at least 1200'),
+    (['--dtype=float64'], "dtype='float64': expected one of"),
+])
+def test_bench_generate_refuses_settings_that_cannot_work(args, message):
+    """Before the model is built: one line naming the setting."""
+    assert message in exit_message(bench_generate.main, ['--device=cpu', *args])
 
 
 @slow
