@@ -2993,3 +2993,21 @@ def test_bench_says_it_needs_a_gpu():
         "bench.py times GPU kernels and needs a CUDA GPU, but torch sees none here; on a CPU, "
         "python bench_generate.py --device=cpu times generation")
 
+
+@slow                                           # importing bench sets up FlexAttention's compile
+@pytest.mark.parametrize('arg, message', [
+    ('--sigmoid=approx', "sigmoid='approx': expected 'fast' or 'exact'"),
+    ('--sweep_lengths=1024,2k', "sweep_lengths='1024,2k': expected comma-separated lengths"),
+    ('--train_lengths=0', "train_lengths='0': expected comma-separated lengths"),
+    ('--tokens=1000', 'tokens=1000, seq_len=16384: expected tokens (B * T) a multiple of'),
+    ('--train_tokens=5000', 'train_tokens=5000 must be a multiple of each length in '
+                            'train_lengths (4096)'),
+    ('--sweep_window=0', 'sweep_window=0: expected a window of 1 or more'),
+])
+def test_bench_refuses_settings_that_cannot_work(monkeypatch, arg, message):
+    """Before the GPU is looked for, and so on any machine."""
+    import bench
+    for key in bench.SETTINGS:                  # apply_settings sets them: put them back after
+        monkeypatch.setattr(bench, key, getattr(bench, key))
+    assert message in exit_message(bench.apply_settings, [arg])
+
