@@ -65,7 +65,7 @@ from configurator import apply_overrides
 from eval import check_plot, load_model
 from runtime import setup_device_and_precision
 from swat import CheckpointError, load_checkpoint
-from training import prepare_dataset
+from training import check_folder, prepare_dataset
 
 # -----------------------------------------------------------------------------
 preset = 'default'          # a name from PRESETS: the models, the task, the trainings, the seeds
@@ -591,6 +591,8 @@ def check_settings():
         raise SystemExit(f"jobs={jobs}: expected 1 or more trainings at a time")
     if action != 'commands':                # (the commands are for another machine)
         setup_device_and_precision(device, dtype)   # a GPU that is not here: before the data
+    if action in ('train', 'all'):
+        check_folder(out_root, 'out_root')  # where the checkpoints go
     if plot and action in ('eval', 'all'):           # say so now, not after the evaluation
         check_plot(plot_path())
     p = PRESETS[preset]

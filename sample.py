@@ -55,6 +55,8 @@ def check_settings():
         raise SystemExit(f"top_k={top_k}: expected a number of tokens >= 1, or 0 for all tokens")
     if sink_tokens < 0:
         raise SystemExit(f"sink_tokens={sink_tokens}: expected 0 or more")
+    if not 0 <= seed < 2 ** 63:             # what torch.manual_seed takes
+        raise SystemExit(f"seed={seed}: expected an integer from 0 to 2**63 - 1")
 
 
 def read_prompt(start):

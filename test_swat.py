@@ -821,7 +821,7 @@ def test_rope_is_exact_far_out():
 SETTINGS = dict(init_from='scratch', batch_size=4, gradient_accumulation_steps=1, eval_iters=2,
                 eval_interval=250, log_interval=10, max_iters=2000, warmup_iters=100,
                 lr_decay_iters=2000, learning_rate=1e-3, min_lr=1e-4, weight_decay=0.1,
-                grad_clip=1.0, beta1=0.9, beta2=0.95)
+                grad_clip=1.0, beta1=0.9, beta2=0.95, seed=1337)
 
 
 @pytest.mark.parametrize('changes', [
@@ -842,6 +842,7 @@ def test_check_settings_accepts_what_works(changes):
     *[(key, -1e-3, '0 or more') for key in ('learning_rate', 'min_lr', 'weight_decay')],
     ('grad_clip', -1.0, '0 (no clipping)'),
     *[(key, value, '[0, 1)') for key in ('beta1', 'beta2') for value in (-0.1, 1.0, 1.5)],
+    *[('seed', value, 'an integer from 0 to 2**63 - 1') for value in (-1, 2 ** 64)],
 ])
 def test_check_settings_rejects_what_breaks(key, value, expected):
     message = exit_message(check_settings, {**SETTINGS, key: value})
@@ -1992,6 +1993,7 @@ def test_sample_temperature_zero_is_greedy(tmp_path, capsys):
     ('--temperature=1e999', 'temperature=inf: expected a finite number >= 0'),
     ('--top_k=-1', 'top_k=-1: expected a number of tokens >= 1, or 0 for all tokens'),
     ('--sink_tokens=-1', 'sink_tokens=-1: expected 0 or more'),
+    ('--seed=18446744073709551616', 'seed=18446744073709551616: expected an integer from 0'),
 ])
 def test_sample_rejects_bad_settings_before_loading(tmp_path, arg, message):
     """Checked before anything is loaded: the checkpoint here is corrupt, and it is the setting
@@ -2680,11 +2682,15 @@ def test_stopping_recall_stops_its_trainings(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-@pytest.mark.usefixtures('recall_settings')
-def test_recall_checks_the_device_before_the_data(monkeypatch):
+@pytest.mark.usefixtures('recall_settings', 'script_state')
+def test_recall_checks_the_device_before_the_data(tmp_path, monkeypatch):
     monkeypatch.setattr(recall, 'run_trainings', None)         # never reached
     message = exit_message(recall.main, ['--preset=tiny', '--action=all', '--device=cuda:99'])
     assert "device='cuda:99'" in message
+    (tmp_path / 'a_file').write_text('')                       # and where the checkpoints go
+    message = exit_message(recall.main, ['--preset=tiny', '--action=train', '--device=cpu',
+                                         f'--out_root={tmp_path / "a_file"}'])
+    assert 'is a file, not a folder: pass another --out_root' in message
 
 
 def test_eval_says_what_is_not_trained(recall_settings, tmp_path, capsys):
