@@ -3016,4 +3016,3 @@ def test_bench_refuses_settings_that_cannot_work(monkeypatch, arg, message):
     for key in bench.SETTINGS:                  # apply_settings sets them: put them back after
         monkeypatch.setattr(bench, key, getattr(bench, key))
     assert message in exit_message(bench.apply_settings, [arg])
-
