@@ -11,7 +11,8 @@ against d in the three bands.
     python recall.py                                # everything: data, 21 trainings, table, plot
     python recall.py --action=commands              # print the commands instead, to run elsewhere
     python recall.py --action=eval                  # table and plot from the trained checkpoints
-    python recall.py --preset=tiny --device=cpu     # the whole pipeline at a toy size, on a CPU
+    python recall.py --preset=tiny --device=cpu     # the whole pipeline at a toy size, on a CPU:
+                                                    # it learns nothing (see RESULTS.md, section 6)
 
 The tasks, generated on the fly (no downloads), the answers given as single tokens:
 - passkey: `FACT key value`, filler, `QUERY key` -> value. One fact per example. The filler is
@@ -43,11 +44,9 @@ scores the trainings that have finished and says which have not; --action=train 
 finished ones and resumes the others. Stopping recall.py (Ctrl-C, SIGTERM) stops the trainings
 too, each after saving a checkpoint, and the same command continues them.
 
-Time, default preset, one H200 (measured: eager, bfloat16): trainings running 4 at a time took
-105-125 ms per step each, 2 at a time 56-59 ms, about 570k tokens/s together either way, so the
-GPU is the limit, not the number of jobs. All of them are 7 kinds x 3 seeds x 1200 steps x
-16,384 tokens = 413M tokens, about 730 s at that rate; with the data (15 s), the start-ups and
-the evaluation, about 14 minutes.
+RESULTS.md, section 6, says what has been run and timed: the step times of the default preset on
+an H200, and the tiny preset on a 2-core CPU, which runs every step of the benchmark but whose
+models learn nothing of the task.
 """
 
 import json
@@ -126,7 +125,8 @@ PRESETS = {
                       n_keys=256, n_values=256, n_pairs=16, train_examples=50_000,
                       val_examples=1_000, max_iters=1200, batch_size=32, learning_rate=1e-3,
                       warmup_iters=100, seeds=(1, 2, 3), points_per_band=4, eval_examples=200),
-    # a toy to try the pipeline on a CPU in minutes: the numbers mean nothing
+    # a toy that runs every step on a CPU (tens of minutes on 2 cores): its models learn
+    # nothing, every accuracy is chance
     'tiny': Preset(n_layer=2, n_head=2, n_embd=32, window=8, block_size=64,
                    n_keys=32, n_values=32, n_pairs=4, train_examples=2_000, val_examples=200,
                    max_iters=200, batch_size=16, learning_rate=1e-3, warmup_iters=20,
