@@ -458,8 +458,8 @@ def run_trainings(p):
                                      f"{last_line(log_path)} (the whole log: {log_path})")
                 print(f"  {out_dir} done in {time.time() - t0:.0f} s")
     except KeyboardInterrupt:
-        raise SystemExit(f"stopped; the trainings that ran saved a checkpoint: run the same "
-                         f"command to continue them") from None
+        raise SystemExit("stopped: run the same command to continue the trainings from their "
+                         "checkpoints") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         if running:

@@ -2677,7 +2677,7 @@ def test_stopping_recall_stops_its_trainings(tmp_path, monkeypatch):
     before = signal.getsignal(signal.SIGTERM)
     message, started = run_fake_trainings(
         monkeypatch, tmp_path, 'import time; time.sleep(60)', TimeoutClock)
-    assert 'stopped' in message and 'run the same command to continue' in message
+    assert 'stopped: run the same command to continue' in message
     assert [code for _, code in started] == [-signal.SIGTERM] * 2
     assert signal.getsignal(signal.SIGTERM) == before
 

@@ -115,10 +115,10 @@ def sample_documents(path):
 
 @contextlib.contextmanager
 def replacing(paths):
-    """write(key, data) for {key: path}: it appends the bytes data to the file path.tmp, opened
-    first. When the block ends, every .tmp file is renamed over its path. On any error (a bad
-    input, Ctrl-C, a disk that is full or read-only) the .tmp files are removed instead and the
-    files at paths stay as they were; a failed write stops with one line."""
+    """Yield write(key, data), which appends the bytes data to the file paths[key] + '.tmp' (all
+    of them opened first). When the block ends, every .tmp file is renamed over its path. On any
+    error (a bad input, Ctrl-C, a disk that is full or read-only) the .tmp files are removed
+    instead and the files at paths stay as they were; a failed write stops with one line."""
     folder = os.path.dirname(next(iter(paths.values()))) or "."
     files = {}
 

@@ -46,7 +46,7 @@ def check_settings(settings):
     for key in ('beta1', 'beta2'):
         if not 0 <= settings[key] < 1:      # AdamW's decay rates: 1 divides by zero
             stop(key, "a value in [0, 1), e.g. 0.9 or 0.95")
-    if not 0 <= settings['seed'] < 2 ** 63:     # what torch.manual_seed takes, with room
+    if not 0 <= settings['seed'] < 2 ** 63:     # torch.manual_seed(seed + rank) takes < 2**64
         stop('seed', "an integer from 0 to 2**63 - 1")
     # (lr_decay_iters < warmup_iters is fine: get_lr goes from the warmup straight to min_lr)
 

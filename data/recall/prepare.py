@@ -69,8 +69,9 @@ def prepare(p, out_dir=HERE, seed=0):
             print(f"{split}: {n:,} examples of {p.example_length} tokens, {counts[split][1]:,} "
                   f"answers -> {split}.bin, {split}_mask.bin")
         write('meta.json', json.dumps({k: getattr(p, k) for k in DATA_FIELDS}).encode())
+        # the old record goes before the files are replaced: half-way, it would describe a mix
         meta = os.path.join(out_dir, 'meta.json')
-        if os.path.exists(meta):    # gone while the files are replaced: it would describe a mix
+        if os.path.exists(meta):
             os.remove(meta)
     return counts
 
