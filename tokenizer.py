@@ -36,15 +36,16 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\
 
 
 def load_ranks(path):
-    """Read and verify a .tiktoken file; return {token bytes: rank}."""
+    """Read and verify a .tiktoken file; return {token bytes: rank}. A file that is missing or
+    damaged stops the script with one line (SystemExit) saying how to restore it."""
     fix = "Restore it with `git checkout data/r50k_base.tiktoken`."
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"GPT-2 tokenizer file not found: {path}. {fix}")
+        raise SystemExit(f"GPT-2 tokenizer file not found: {path}. {fix}")
     with open(path, "rb") as f:
         data = f.read()
     digest = hashlib.sha256(data).hexdigest()
     if digest != RANKS_SHA256:
-        raise ValueError(
+        raise SystemExit(
             f"GPT-2 tokenizer file {path} is corrupt: sha256 {digest}, "
             f"expected {RANKS_SHA256}. {fix}"
         )
