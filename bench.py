@@ -66,6 +66,22 @@ def apply_settings(args):
         raise SystemExit(f"mode={mode!r}: expected 'attention', 'train' or 'loss'")
     if train_compile not in ('blocks', 'model'):
         raise SystemExit(f"train_compile={train_compile!r}: expected 'blocks' or 'model'")
+    if sigmoid not in ('fast', 'exact'):
+        raise SystemExit(f"sigmoid={sigmoid!r}: expected 'fast' or 'exact'")
+    for key in ('sweep_lengths', 'train_lengths'):     # ('' runs no sweep, trains nothing)
+        value = globals()[key]
+        if value and not all(L.isdigit() and int(L) > 0 for L in value.split(',')):
+            raise SystemExit(f"{key}={value!r}: expected comma-separated lengths, e.g. 4096,16384")
+    if seq_len < 1 or tokens < seq_len or tokens % seq_len:
+        raise SystemExit(f"tokens={tokens}, seq_len={seq_len}: expected tokens (B * T) a "
+                         f"multiple of seq_len (T) >= 1")
+    for T in map(int, filter(None, train_lengths.split(','))):
+        if train_tokens % T:
+            raise SystemExit(f"train_tokens={train_tokens} must be a multiple of each length in "
+                             f"train_lengths ({T})")
+    for key in ('sweep_window', 'train_window'):
+        if globals()[key] < 1:
+            raise SystemExit(f"{key}={globals()[key]}: expected a window of 1 or more")
     if not torch.cuda.is_available():
         raise SystemExit("bench.py times GPU kernels and needs a CUDA GPU, but torch sees none "
                          "here; on a CPU, python bench_generate.py --device=cpu times generation")
@@ -210,9 +226,7 @@ def training_throughput():
               f"{'MFU':>6} | {'peak GiB':>8} | {'tokens/s vs full':>16}")
     print(header)
     print('-' * len(header))
-    for T in map(int, train_lengths.split(',')):
-        if train_tokens % T != 0:
-            raise SystemExit(f"train_tokens={train_tokens} must be a multiple of each length ({T})")
+    for T in map(int, filter(None, train_lengths.split(','))):
         B = train_tokens // T
         shape = dict(n_layer=12, n_head=12, n_embd=768, block_size=T, dropout=0.0)
         peers = [(f"swat, w={train_window}", SWATConfig(window=train_window, **shape)),

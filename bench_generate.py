@@ -21,7 +21,6 @@ tokens around 1,000 with those around N, and the peak memory at both.
 """
 
 import statistics
-import sys
 import time
 
 import torch
@@ -39,9 +38,10 @@ span = 256              # tokens/s is measured over spans of this many tokens
 long_tokens = 0         # > 0: latency at token 1,000 against token long_tokens (graph, batch 1)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # of the weights and the cache
-apply_overrides(globals(), ['batch_sizes', 'methods', 'tokens', 'span', 'long_tokens', 'device',
-                            'dtype'], sys.argv[1:])
+config_keys = ['batch_sizes', 'methods', 'tokens', 'span', 'long_tokens', 'device', 'dtype']
 # -----------------------------------------------------------------------------
+METHODS = ('graph', 'eager', 'unbounded')
+TIMED = 100                 # tokens timed one by one around each point of latency_at
 
 
 def unbounded_tokens(model, prompt, n, temperature=1.0, top_k=200):
@@ -80,25 +80,27 @@ def unbounded_tokens(model, prompt, n, temperature=1.0, top_k=200):
         yield token
 
 
-def token_stream(method, prompt, n):
+def token_stream(model, method, prompt, n):
     if method == 'unbounded':
         return unbounded_tokens(model, prompt, n)
     return model.generate_tokens(prompt, n, temperature=1.0, top_k=200,
                                  cuda_graph=(method == 'graph'))
 
 
-def measure(method, batch_size, n, latency_at=()):
-    """Generate 64 + n tokens per row; return (median tokens/s over spans, {t: latency of token
-    t in ms} for the 100 tokens around each t in latency_at, {t: peak MiB so far}). Per-token
-    latencies wait for each token; the spans do not (they wait only at their ends)."""
+def measure(model, method, batch_size, n, latency_at=()):
+    """Generate 64 + n tokens per row; return ([tokens/s over each span that holds no timed
+    token], {t: latency of token t in ms} for the TIMED tokens around each t in latency_at,
+    {t: peak MiB so far}). Per-token latencies wait for each token; the spans do not (they wait
+    only at their ends)."""
+    cuda = torch.device(device).type == 'cuda'
     prompt = torch.randint(0, 50257, (batch_size, 16), device=device)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     rates, latencies, peaks, last = [], {}, {}, None
-    timed = {t + d for t in latency_at for d in range(-50, 50)}
+    timed = {t + d for t in latency_at for d in range(-TIMED // 2, TIMED // 2)}
     with torch.no_grad():
-        for t, _ in enumerate(token_stream(method, prompt, 64 + n), -63):
+        for t, _ in enumerate(token_stream(model, method, prompt, 64 + n), -63):
             if t > 0 and (t % span == 0 or t in timed or t - 1 in timed):
                 synchronize(device)
                 now = time.perf_counter()
@@ -111,7 +113,7 @@ def measure(method, batch_size, n, latency_at=()):
             elif t == 0:
                 synchronize(device)
                 last = (0, time.perf_counter())
-    return statistics.median(rates), latencies, peaks
+    return rates, latencies, peaks
 
 
 def percentile(values, q):
@@ -119,29 +121,67 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-cuda = check_device(device).type == 'cuda'   # a device that is not here: one line, not a traceback
-if dtype not in DTYPES:
-    raise SystemExit(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
-sizes = [int(b) for b in batch_sizes.split(',')]
-names = methods.split(',')
-if set(names) - {'graph', 'eager', 'unbounded'} or tokens < 2 * span or min(sizes) < 1:
-    raise SystemExit("methods: graph, eager, unbounded; tokens >= 2 * span; batch sizes >= 1")
-torch.manual_seed(0)
-model = SWAT(SWATConfig()).to(device, DTYPES[dtype]).eval()
-print(f"{torch.cuda.get_device_name() if cuda else device}, torch {torch.__version__}, {dtype}; "
-      f"{model.config.n_layer} layers, window {model.config.window}, {tokens} tokens per row")
-print("| batch | method | tokens/s (median) | ms/token p50 | ms/token p99 | peak MiB |")
-print("|---|---|---|---|---|---|")
-for batch_size in sizes:
-    for method in names:
-        rate, latencies, peaks = measure(method, batch_size, tokens, latency_at=(tokens // 2,))
-        ms = list(latencies.values())
-        print(f"| {batch_size} | {method} | {rate:,.0f} | {percentile(ms, 0.5):.3f} | "
-              f"{percentile(ms, 0.99):.3f} | {max(peaks.values()):.1f} |", flush=True)
-if long_tokens:
-    _, latencies, peaks = measure('graph', 1, long_tokens, latency_at=(1000, long_tokens - 100))
-    for where in (1000, long_tokens - 100):
-        near = [t for t in latencies if abs(t - where) <= 50]
-        ms = [latencies[t] for t in near]
-        print(f"graph, batch 1, the 100 tokens around {where:,}: p50 {percentile(ms, 0.5):.3f} ms, "
-              f"p99 {percentile(ms, 0.99):.3f} ms, peak {max(peaks[t] for t in near):.1f} MiB")
+def check_settings():
+    """The batch sizes and the methods, or SystemExit with one line for a setting that cannot
+    work: all checked before the model is built."""
+    check_device(device)                    # a device that is not here: one line
+    if dtype not in DTYPES:
+        raise SystemExit(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    try:
+        sizes = [int(b) for b in batch_sizes.split(',')]
+    except ValueError:
+        raise SystemExit(f"batch_sizes={batch_sizes!r}: expected comma-separated integers, "
+                         f"e.g. 1,8,64") from None
+    if min(sizes) < 1:
+        raise SystemExit(f"batch_sizes={batch_sizes!r}: every batch size must be 1 or more")
+    names = methods.split(',')
+    if not set(names) <= set(METHODS):
+        raise SystemExit(f"methods={methods!r}: expected some of {', '.join(METHODS)}, "
+                         f"comma-separated")
+    if span < 1:
+        raise SystemExit(f"span={span}: expected 1 or more tokens per measured span")
+    # the TIMED tokens in the middle, timed one by one, need a whole span before them
+    if tokens < 2 * span + TIMED:
+        raise SystemExit(f"tokens={tokens} with span={span}: expected tokens >= 2 * span + "
+                         f"{TIMED}, a span before the {TIMED} tokens timed one by one in the "
+                         f"middle, e.g. --tokens={2 * span + TIMED}")
+    # the tokens timed around 1,000 and those around long_tokens - TIMED must not overlap
+    if long_tokens and long_tokens < 1000 + 2 * TIMED:
+        raise SystemExit(f"long_tokens={long_tokens}: expected 0 (no long run) or at least "
+                         f"{1000 + 2 * TIMED}, to compare the tokens around 1,000 with later ones")
+    return sizes, names
+
+
+def main(args=None):
+    """Measure as the settings say; args: the --key=value overrides (default: sys.argv[1:])."""
+    apply_overrides(globals(), config_keys, args)
+    sizes, names = check_settings()
+    cuda = torch.device(device).type == 'cuda'
+    torch.manual_seed(0)
+    model = SWAT(SWATConfig()).to(device, DTYPES[dtype]).eval()
+    print(f"{torch.cuda.get_device_name() if cuda else device}, torch {torch.__version__}, "
+          f"{dtype}; {model.config.n_layer} layers, window {model.config.window}, {tokens} "
+          f"tokens per row")
+    print("| batch | method | tokens/s (median) | ms/token p50 | ms/token p99 | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for batch_size in sizes:
+        for method in names:
+            rates, latencies, peaks = measure(model, method, batch_size, tokens,
+                                              latency_at=(tokens // 2,))
+            ms = list(latencies.values())
+            print(f"| {batch_size} | {method} | {statistics.median(rates):,.0f} | "
+                  f"{percentile(ms, 0.5):.3f} | {percentile(ms, 0.99):.3f} | "
+                  f"{max(peaks.values()):.1f} |", flush=True)
+    if long_tokens:
+        points = (1000, long_tokens - TIMED)
+        _, latencies, peaks = measure(model, 'graph', 1, long_tokens, latency_at=points)
+        for where in points:
+            near = [t for t in latencies if abs(t - where) <= TIMED // 2]
+            ms = [latencies[t] for t in near]
+            print(f"graph, batch 1, the {TIMED} tokens around {where:,}: p50 "
+                  f"{percentile(ms, 0.5):.3f} ms, p99 {percentile(ms, 0.99):.3f} ms, peak "
+                  f"{max(peaks[t] for t in near):.1f} MiB")
+
+
+if __name__ == '__main__':
+    main()

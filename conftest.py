@@ -293,12 +293,14 @@ def reference_attention(monkeypatch):
 
 @pytest.fixture
 def script_state(monkeypatch, reference_attention):
-    """For tests that call sample.main or eval.main in this process: main() applies its
-    overrides to the module's globals and sets the float32 matmul precision for the whole
-    process; both are put back after the test. The models run through the einsum reference."""
+    """For tests that call sample.main, eval.main or bench_generate.main in this process: main()
+    applies its overrides to the module's globals and sets the float32 matmul precision for the
+    whole process; both are put back after the test. The models run through the einsum
+    reference."""
+    import bench_generate
     import eval as eval_script
     import sample
-    for module in (sample, eval_script):
+    for module in (sample, eval_script, bench_generate):
         for key in module.config_keys:
             monkeypatch.setattr(module, key, getattr(module, key))
     precision = torch.get_float32_matmul_precision()

@@ -46,6 +46,7 @@ from configurator import apply_overrides
 from runtime import setup_device_and_precision
 from swat import SWAT, CheckpointError, checkpoint_path, load_checkpoint
 from tokenizer import EOT
+from training import check_folder, check_token_file
 
 # -----------------------------------------------------------------------------
 checkpoints = 'out'         # comma-separated out_dirs or ckpt.pt paths, each maybe :sinks=K:window=W
@@ -59,11 +60,12 @@ max_batch_tokens = 16384    # ... and at most this many tokens per forward (one 
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', 'mps', ...
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
                             # of the matmuls: 'float32', 'bfloat16', 'float16'
-plot = 'eval.png'           # where to write the plot (needs matplotlib); '' for no plot
+plot = 'eval.png'           # the plot: a .png, .pdf or .svg (needs matplotlib); '' for none
 config_keys = ['checkpoints', 'dataset', 'lengths', 'window', 'sink_tokens', 'max_tokens_per_length',
                'batch_size', 'max_batch_tokens', 'device', 'dtype', 'plot']
 # -----------------------------------------------------------------------------
 FULL = -1                   # the window value that means full causal attention
+PLOT_FORMATS = ('.png', '.pdf', '.svg')     # what matplotlib writes with nothing else installed
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
 
@@ -94,7 +96,7 @@ def load_model(path, eval_window, full_window, device):
     try:
         # first what it was trained with, then the model around the same weights with the
         # window to read with (reading the file twice costs little next to the evaluation)
-        args = load_checkpoint(path)['model_args']
+        args = load_checkpoint(path, option='--checkpoints')['model_args']
         trained = args['window']
         if eval_window == 0:
             # a model trained with window >= block_size saw full causal attention in training
@@ -114,13 +116,19 @@ def load_model(path, eval_window, full_window, device):
     return model, label
 
 
-def check_matplotlib():
-    """--plot needs matplotlib: say so before any work, not after the evaluation."""
+def check_plot(path):
+    """Stop with one line unless a plot can be written to path (eval.py's and recall.py's):
+    matplotlib is there, the file name ends in a format it writes without other software, and
+    its folder takes files (it is made if need be). Before any work, not after the evaluation."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SystemExit(f"plot={plot!r} needs matplotlib, which is not installed: "
+        raise SystemExit(f"plot={path!r} needs matplotlib, which is not installed: "
                          f"pip install matplotlib, or --plot='' for the table only") from None
+    if os.path.splitext(path)[1].lower() not in PLOT_FORMATS:
+        raise SystemExit(f"plot={path!r}: expected a file name ending in "
+                         f"{', '.join(PLOT_FORMATS)}, or --plot='' for the table only")
+    check_folder(os.path.dirname(path) or '.', 'plot')
 
 
 def datasets():
@@ -129,17 +137,15 @@ def datasets():
                   if os.path.isfile(os.path.join(DATA_DIR, name, 'prepare.py')))
 
 
-def val_tokens(dataset):
-    """The token ids of data/<dataset>/val.bin, or SystemExit saying how to make them."""
+def val_path(dataset):
+    """The path of data/<dataset>/val.bin, or SystemExit saying how to make it."""
     path = os.path.join(DATA_DIR, dataset, 'val.bin')
     if not os.path.exists(path):
         if dataset in datasets():
             raise SystemExit(f"no {path}: run python data/{dataset}/prepare.py first")
         raise SystemExit(f"dataset={dataset!r}: there is no data/{dataset}/val.bin nor a "
                          f"prepare.py to make it; the datasets are {', '.join(datasets())}")
-    if os.path.getsize(path) == 0:                # (np.memmap cannot map an empty file)
-        raise SystemExit(f"{path} is empty: run python data/{dataset}/prepare.py again")
-    return np.memmap(path, dtype=np.uint16, mode='r')
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -237,7 +243,7 @@ def check_settings():
     """The evaluation lengths and the checkpoints' (path, window, sinks), or SystemExit with one
     line for a setting that cannot work: all checked before any work."""
     if plot:
-        check_matplotlib()
+        check_plot(plot)
     try:
         eval_lengths = [int(L) for L in lengths.split(',')]
     except ValueError:
@@ -264,21 +270,25 @@ def main(args=None):
     eval_lengths, specs = check_settings()
     _, ctx = setup_device_and_precision(device, dtype)
 
-    tokens = val_tokens(dataset)
-    docs = documents(tokens)
-    starts = {L: stretch_starts(docs, L, max_tokens_per_length) for L in eval_lengths}
-    print(f"{dataset} val: {len(tokens):,} tokens in {len(docs)} documents, the longest "
-          f"{max(e - s for s, e in docs):,} tokens")
+    path = val_path(dataset)
 
     # Load every model before evaluating any, so that a bad checkpoint or setting fails at once,
     # not after an hour of evaluation. (The models here are small: all of them fit together.)
     models = []
-    for path, w, sinks in specs:
-        model, label = load_model(path, w, max(eval_lengths), device)
+    for spec, w, sinks in specs:
+        model, label = load_model(spec, w, max(eval_lengths), device)
         if sinks > 0 and model.config.window >= max(eval_lengths):
-            raise SystemExit(f"{path}: sink tokens need a window shorter than the text; this model "
+            raise SystemExit(f"{spec}: sink tokens need a window shorter than the text; this model "
                              f"reads with full attention, which sees the first tokens anyway")
         models.append((model, label + (f" +{sinks} sinks" if sinks else ''), sinks))
+    # train.py's checks of the data: uint16 ids, at least one, each inside every model's vocabulary
+    check_token_file(path, 0, min(model.config.vocab_size for model, _, _ in models))
+
+    tokens = np.memmap(path, dtype=np.uint16, mode='r')
+    docs = documents(tokens)
+    starts = {L: stretch_starts(docs, L, max_tokens_per_length) for L in eval_lengths}
+    print(f"{dataset} val: {len(tokens):,} tokens in {len(docs)} documents, the longest "
+          f"{max(e - s for s, e in docs):,} tokens")
 
     labels, results = [label for _, label, _ in models], []
     for model, label, sinks in models:

@@ -11,7 +11,8 @@ against d in the three bands.
     python recall.py                                # everything: data, 21 trainings, table, plot
     python recall.py --action=commands              # print the commands instead, to run elsewhere
     python recall.py --action=eval                  # table and plot from the trained checkpoints
-    python recall.py --preset=tiny --device=cpu     # the whole pipeline at a toy size, on a CPU
+    python recall.py --preset=tiny --device=cpu     # the whole pipeline at a toy size, on a CPU:
+                                                    # it learns nothing (see RESULTS.md, section 6)
 
 The tasks, generated on the fly (no downloads), the answers given as single tokens:
 - passkey: `FACT key value`, filler, `QUERY key` -> value. One fact per example. The filler is
@@ -38,18 +39,19 @@ The rows: full attention, softmax sliding-window attention (SWA), SWA read with 
 sinks (StreamingLLM; the same checkpoints), and SWAT with each ALiBi mode, every one trained with
 each of the preset's seeds. The output: per task, accuracy (mean +- std over the seeds) against
 distance as a markdown table (printed, and written next to the plot as .md) and a PNG with the
-window and the receptive field drawn in. --action=eval scores the trainings that have finished
-and says which have not; --action=train skips the finished ones and resumes the others.
+window and the receptive field drawn in, both beside the checkpoints in out_root. --action=eval
+scores the trainings that have finished and says which have not; --action=train skips the
+finished ones and resumes the others. Stopping recall.py (Ctrl-C, SIGTERM) stops the trainings
+too, each after saving a checkpoint, and the same command continues them.
 
-Time, default preset, one H200 (measured: eager, bfloat16): trainings running 4 at a time took
-105-125 ms per step each, 2 at a time 56-59 ms, about 570k tokens/s together either way, so the
-GPU is the limit, not the number of jobs. All of them are 7 kinds x 3 seeds x 1200 steps x
-16,384 tokens = 413M tokens, about 730 s at that rate; with the data (15 s), the start-ups and
-the evaluation, about 14 minutes.
+RESULTS.md, section 6, says what has been run and timed: the step times of the default preset on
+an H200, and the tiny preset on a 2-core CPU, which runs every step of the benchmark but whose
+models learn nothing of the task.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -59,10 +61,10 @@ import numpy as np
 import torch
 
 from configurator import apply_overrides
-from eval import load_model
+from eval import check_plot, load_model
 from runtime import setup_device_and_precision
 from swat import CheckpointError, load_checkpoint
-from training import prepare_dataset
+from training import check_folder, prepare_dataset
 
 # -----------------------------------------------------------------------------
 preset = 'default'          # a name from PRESETS: the models, the task, the trainings, the seeds
@@ -72,7 +74,7 @@ jobs = 7 if torch.cuda.is_available() else 1  # trainings at the same time (they
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # of the trainings and the evaluation
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
                             # of the matmuls: 'float32', 'bfloat16', 'float16'
-plot = 'recall.png'         # the plot (PNG; the table goes next to it, as .md); '' for none
+plot = 'recall.png'         # the plot, in out_root (the table beside it, as .md); '' for none
 config_keys = ['preset', 'action', 'out_root', 'jobs', 'device', 'dtype', 'plot']
 # -----------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -124,7 +126,8 @@ PRESETS = {
                       n_keys=256, n_values=256, n_pairs=16, train_examples=50_000,
                       val_examples=1_000, max_iters=1200, batch_size=32, learning_rate=1e-3,
                       warmup_iters=100, seeds=(1, 2, 3), points_per_band=4, eval_examples=200),
-    # a toy to try the pipeline on a CPU in minutes: the numbers mean nothing
+    # a toy that runs every step on a CPU (tens of minutes on 2 cores): its models learn
+    # nothing, every accuracy is chance
     'tiny': Preset(n_layer=2, n_head=2, n_embd=32, window=8, block_size=64,
                    n_keys=32, n_values=32, n_pairs=4, train_examples=2_000, val_examples=200,
                    max_iters=200, batch_size=16, learning_rate=1e-3, warmup_iters=20,
@@ -406,9 +409,18 @@ def trained_steps(out_dir):
         return 0
 
 
+def last_line(path):
+    """The last line of the text file at path: the one-line error of a train.py that failed."""
+    with open(path, errors='replace') as f:
+        lines = f.read().strip().splitlines()
+    return lines[-1] if lines else '(nothing)'
+
+
 def run_trainings(p):
     """Prepare the data if needed, then run every training that has not finished, `jobs` at a
-    time; each logs to its out_dir/train.log. A training cut short continues from its checkpoint."""
+    time; each logs to its out_dir/train.log. A training cut short continues from its checkpoint.
+    When one fails, or recall.py is stopped (Ctrl-C, SIGTERM), the others are stopped too: each
+    saves a checkpoint at its next log step, and none runs on after recall.py."""
     if not data_is_prepared(p) and run_command(prepare_command()).wait() != 0:
         raise SystemExit("data/recall/prepare.py failed")
     todo = []
@@ -423,28 +435,42 @@ def run_trainings(p):
             todo.append(settings)
     print(f"{len(todo)} trainings to run, {jobs} at a time")
     running = []
-    while todo or running:
-        while todo and len(running) < jobs:
-            settings = todo.pop(0)
-            os.makedirs(settings['out_dir'], exist_ok=True)
-            log = open(os.path.join(settings['out_dir'], 'train.log'), 'a')
-            process = run_command(command('train.py', settings), stdout=log,
-                                  stderr=subprocess.STDOUT)
-            running.append((process, settings['out_dir'], log, time.time()))
-            print(f"training {settings['out_dir']}")
-        time.sleep(0.5)
-        for entry in [r for r in running if r[0].poll() is not None]:
-            process, out_dir, log, t0 = entry
+    # SIGTERM (from `timeout`, `kill` or a cluster) stops recall.py as Ctrl-C does: by raising
+    # KeyboardInterrupt, so that the `finally` below stops the trainings too
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                settings = todo.pop(0)
+                os.makedirs(settings['out_dir'], exist_ok=True)
+                log = open(os.path.join(settings['out_dir'], 'train.log'), 'a')
+                process = run_command(command('train.py', settings), stdout=log,
+                                      stderr=subprocess.STDOUT)
+                running.append((process, settings['out_dir'], log, time.time()))
+                print(f"training {settings['out_dir']}")
+            time.sleep(0.5)
+            for entry in [r for r in running if r[0].poll() is not None]:
+                process, out_dir, log, t0 = entry
+                log.close()
+                running.remove(entry)
+                if process.returncode != 0:
+                    log_path = os.path.join(out_dir, 'train.log')
+                    raise SystemExit(f"training {out_dir} failed (exit {process.returncode}): "
+                                     f"{last_line(log_path)} (the whole log: {log_path})")
+                print(f"  {out_dir} done in {time.time() - t0:.0f} s")
+    except KeyboardInterrupt:
+        raise SystemExit("stopped: run the same command to continue the trainings from their "
+                         "checkpoints") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if running:
+            print(f"stopping {len(running)} training(s): each saves a checkpoint at its next "
+                  f"log step")
+        for process, *_ in running:
+            process.terminate()                 # SIGTERM: train.py saves, then exits
+        for process, _, log, _ in running:
+            process.wait()
             log.close()
-            running.remove(entry)
-            if process.returncode != 0:
-                for other, *_ in running:
-                    other.terminate()           # train.py saves a checkpoint, then exits
-                for other, *_ in running:
-                    other.wait()
-                raise SystemExit(f"training {out_dir} failed (exit {process.returncode}): see "
-                                 f"{os.path.join(out_dir, 'train.log')}")
-            print(f"  {out_dir} done in {time.time() - t0:.0f} s")
 
 
 def print_commands(p):
@@ -551,6 +577,11 @@ def plot_accuracy(path, accuracy, distances, window, n_layer, chance):
     return fig
 
 
+def plot_path():
+    """Where the plot goes: beside the checkpoints, in out_root (a path of its own stays so)."""
+    return os.path.join(out_root, plot)
+
+
 def check_settings():
     """The preset, or SystemExit with one line for a setting that cannot work."""
     if preset not in PRESETS:
@@ -559,12 +590,12 @@ def check_settings():
         raise SystemExit(f"action={action!r}: expected one of {', '.join(ACTIONS)}")
     if jobs < 1:
         raise SystemExit(f"jobs={jobs}: expected 1 or more trainings at a time")
+    if action != 'commands':                # (the commands are for another machine)
+        setup_device_and_precision(device, dtype)   # a GPU that is not here: before the data
+    if action in ('train', 'all'):
+        check_folder(out_root, 'out_root')  # where the checkpoints go
     if plot and action in ('eval', 'all'):           # say so now, not after the evaluation
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise SystemExit(f"plot={plot!r} needs matplotlib: pip install matplotlib, or "
-                             f"--plot='' for the table only") from None
+        check_plot(plot_path())
     p = PRESETS[preset]
     check_vocabulary(p)
     return p
@@ -587,10 +618,11 @@ def main(args=None):
         print()
         print(table)
         if plot:
-            with open(os.path.splitext(plot)[0] + '.md', 'w') as f:
+            path = plot_path()
+            with open(os.path.splitext(path)[0] + '.md', 'w') as f:
                 f.write(table + '\n')
-            plot_accuracy(plot, accuracy, distances, p.window, p.n_layer, 1 / p.n_values)
-            print(f"plot written to {plot}, table to {os.path.splitext(plot)[0] + '.md'}")
+            plot_accuracy(path, accuracy, distances, p.window, p.n_layer, 1 / p.n_values)
+            print(f"plot written to {path}, table to {os.path.splitext(path)[0] + '.md'}")
 
 
 if __name__ == '__main__':

@@ -21,7 +21,7 @@ import torch
 
 from configurator import apply_overrides
 from runtime import DTYPES, setup_device_and_precision, synchronize
-from swat import SWAT, CheckpointError
+from swat import SWAT, CheckpointError, checkpoint_path
 from tokenizer import gpt2_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -56,6 +56,8 @@ def check_settings():
         raise SystemExit(f"top_k={top_k}: expected a number of tokens >= 1, or 0 for all tokens")
     if sink_tokens < 0:
         raise SystemExit(f"sink_tokens={sink_tokens}: expected 0 or more")
+    if not 0 <= seed < 2 ** 63:             # what torch.manual_seed takes
+        raise SystemExit(f"seed={seed}: expected an integer from 0 to 2**63 - 1")
 
 
 def read_prompt(start):
@@ -122,6 +124,11 @@ def main(args=None):
         model, _ = SWAT.from_checkpoint(out_dir, device)    # in eval mode: no dropout
     except CheckpointError as e:
         raise SystemExit(str(e)) from None
+    if max(start_ids) >= model.config.vocab_size:
+        raise SystemExit(f"the prompt encodes to GPT-2 token ids up to {max(start_ids)}, beyond "
+                         f"the vocabulary of the model in {checkpoint_path(out_dir)} (vocab_size="
+                         f"{model.config.vocab_size}): sample.py writes and reads GPT-2 tokens, "
+                         f"so it needs a model trained on them (vocab_size 50257 or more)")
     # Generation runs in dtype itself (weights and cache), not under autocast: at one token a
     # step the time goes to reading the weights, and bfloat16 weights are half as many bytes.
     model.to(DTYPES[dtype])

@@ -498,16 +498,17 @@ def checkpoint_path(path):
     return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
 
 
-def load_checkpoint(path, device='cpu', required=('model', 'model_args')):
+def load_checkpoint(path, device='cpu', required=('model', 'model_args'), option='--out_dir'):
     """The dict train.py saved at path (an out_dir or its ckpt.pt), with its tensors on device.
     Raises CheckpointError, one line that names the file and the fix, for a checkpoint that is
-    missing, not a file, empty, truncated, corrupt, or lacks any of the `required` entries."""
+    missing, not a file, empty, truncated, corrupt, or lacks any of the `required` entries.
+    `option` is the caller's setting that names the checkpoint, for the messages."""
     ckpt_path = checkpoint_path(path)
     if not os.path.exists(ckpt_path):
         raise CheckpointError(f"no checkpoint at {ckpt_path}: train a model first with "
-                              f"`python train.py` (or point --out_dir at the folder with ckpt.pt)")
+                              f"`python train.py` (or point {option} at the folder with ckpt.pt)")
     if not os.path.isfile(ckpt_path):
-        raise CheckpointError(f"{ckpt_path} is not a file: move it away, or point --out_dir at "
+        raise CheckpointError(f"{ckpt_path} is not a file: move it away, or point {option} at "
                               f"the folder that holds the real ckpt.pt")
     if os.path.getsize(ckpt_path) == 0:
         raise CheckpointError(f"{ckpt_path} is empty (a save that never finished?): restore it "
@@ -737,12 +738,17 @@ def sample(logits, temperature, top_k):
     (the Gumbel-max trick): no normalisation, and no multinomial, which a CUDA graph cannot hold."""
     if temperature == 0:                                # the limit of ever lower temperatures
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
     if top_k is not None:
         kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float('-inf'))
     gumbel = -torch.log(-torch.log(torch.rand_like(logits)))
-    return (logits + gumbel).argmax(dim=-1, keepdim=True)
+    # argmax(logits / T + gumbel) is argmax(logits + T * gumbel): scale by whichever of 1 / T and
+    # T is at most 1, so that nothing overflows (logits / 1e-45 is inf in float32). A T whose
+    # noise vanishes next to the logits then gives the greedy token, the limit as T -> 0.
+    if temperature < 1:
+        return (logits + temperature * gumbel).argmax(dim=-1, keepdim=True)
+    return (logits / temperature + gumbel).argmax(dim=-1, keepdim=True)
 
 
 class CUDAGraphStep:

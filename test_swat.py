@@ -16,6 +16,7 @@ import errno
 import functools
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from conftest import (DATA, DEVICE, GPU, ROOT, SCRIPT_ENV, SEPARATOR, TINY, TOLE
                       make_bad_checkpoint, needs_gpu, random_inputs, random_slopes,
                       rank_weights_script, relative_error, run, save_tiny_checkpoint,
                       tiny_config, tiny_model, torchrun)
+import bench_generate
 import configurator
 import eval as eval_script
 import kernel
@@ -50,6 +52,7 @@ import runtime
 import sample
 import swat
 import tokenizer
+import training
 from configurator import apply_overrides
 from kernel import swat_attention, swat_attention_reference, swat_backward, swat_forward
 from swat import (SWAT, CheckpointError, SWATConfig, alibi_slopes, apply_rope, load_checkpoint,
@@ -60,8 +63,9 @@ from recall import (FACT, KEY_BASE, MIN_DISTANCE, PRESETS, QUERY, TASKS, TRAININ
 from tokenizer import EOT, gpt2_tokenizer
 from training import (StopFlag, changed_settings, check_mask_file, check_out_dir, check_settings,
                       check_token_file, get_batch, get_lr, load_for_resume, mask_path,
-                      merge_model_args, micro_batches_per_process, out_of_memory_advice,
-                      prepare_dataset, restore_rng_state, rng_state, save_checkpoint_file)
+                      merge_model_args, micro_batches_per_process, non_finite,
+                      out_of_memory_advice, prepare_dataset, restore_rng_state, rng_state,
+                      save_checkpoint_file)
 
 slow = pytest.mark.slow
 
@@ -674,6 +678,8 @@ def test_generate_temperature_zero_is_greedy():
     assert torch.equal(model.generate(PROMPT, 6, top_k=1), greedy)
     # and the first one is the argmax of the full forward
     assert greedy[0, 5] == model(PROMPT)[0][0, -1].argmax()
+    # a temperature too small for logits / temperature to fit a float32 is greedy too
+    assert torch.equal(model.generate(PROMPT, 6, temperature=1e-45), greedy)
 
 
 @pytest.mark.usefixtures('reference_attention')
@@ -813,10 +819,20 @@ def test_sampling_draws_from_the_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
     assert torch.equal(swat.sample(logits, 0, None), torch.zeros(20000, 1, dtype=torch.long))
     assert set(swat.sample(logits, 1.0, 2).flatten().tolist()) == {0, 1}
-    for temperature in (0.5, 1.0, 2.0):
+    for temperature in (0.5, 1.0, 2.0, 1e39):  # (1e39: inf as a float32; uniform, its limit)
         counts = torch.bincount(swat.sample(logits, temperature, None).flatten(), minlength=4)
         p = F.softmax(logits[0] / temperature, dim=-1)
         assert ((counts / 20000 - p).abs() <= 5 * (p * (1 - p) / 20000).sqrt()).all(), counts
+
+
+@pytest.mark.parametrize('temperature', [1e-45, 1e-38, 1e-30])
+def test_tiny_temperatures_are_greedy(temperature):
+    """However small the temperature, nothing overflows (100 / 1e-38 is inf in float32, and so
+    are the logits of several tokens): it picks the most likely token, as temperature 0 does."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[50.0, 30.0, 100.0, -100.0]]).repeat(1000, 1)
+    assert torch.equal(swat.sample(logits, temperature, None), torch.full((1000, 1), 2))
+    assert torch.equal(swat.sample(logits, temperature, 2), torch.full((1000, 1), 2))
 
 
 @pytest.mark.usefixtures('reference_attention')
@@ -882,7 +898,7 @@ def test_rope_is_exact_far_out():
 SETTINGS = dict(init_from='scratch', batch_size=4, gradient_accumulation_steps=1, eval_iters=2,
                 eval_interval=250, log_interval=10, max_iters=2000, warmup_iters=100,
                 lr_decay_iters=2000, learning_rate=1e-3, min_lr=1e-4, weight_decay=0.1,
-                grad_clip=1.0, beta1=0.9, beta2=0.95)
+                grad_clip=1.0, beta1=0.9, beta2=0.95, seed=1337)
 
 
 @pytest.mark.parametrize('changes', [
@@ -903,6 +919,7 @@ def test_check_settings_accepts_what_works(changes):
     *[(key, -1e-3, '0 or more') for key in ('learning_rate', 'min_lr', 'weight_decay')],
     ('grad_clip', -1.0, '0 (no clipping)'),
     *[(key, value, '[0, 1)') for key in ('beta1', 'beta2') for value in (-0.1, 1.0, 1.5)],
+    *[('seed', value, 'an integer from 0 to 2**63 - 1') for value in (-1, 2 ** 64)],
 ])
 def test_check_settings_rejects_what_breaks(key, value, expected):
     message = exit_message(check_settings, {**SETTINGS, key: value})
@@ -952,9 +969,6 @@ def test_check_out_dir_refuses_what_cannot_hold_a_checkpoint(tmp_path):
 
 
 def test_check_out_dir_refuses_a_read_only_folder(tmp_path, monkeypatch):
-    # (chmod does not stop root, who runs the tests in some containers: fake the refusal)
-    def read_only(*args, **kwargs):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
     monkeypatch.setattr(tempfile, 'NamedTemporaryFile', read_only)
     message = exit_message(check_out_dir, str(tmp_path), 'scratch')
     assert 'Read-only file system' in message and '--out_dir' in message
@@ -984,6 +998,59 @@ def test_save_checkpoint_file_on_a_full_disk_keeps_the_old_one(tmp_path, monkeyp
     assert reason in message and path in message and '--init_from=resume' in message
     assert os.listdir(tmp_path) == ['ckpt.pt']          # no ckpt.pt.tmp left behind
     assert file_hash(path) == before
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with room for `room` bytes: a write beyond them fails, as a full disk's."""
+    room = 100_000
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_save_checkpoint_file_when_torch_finds_the_disk_full(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a RuntimeError (raised while handling the OSError),
+    not as an OSError: the same one line, and nothing left behind."""
+    path = write_checkpoint(tmp_path)
+    before = file_hash(path)
+    monkeypatch.setattr(training, 'open', FullDisk, raising=False)  # save_checkpoint_file's open
+    message = exit_message(save_checkpoint_file, {'model': {'w': torch.zeros(100_000)}}, path)
+    assert 'disk full' in message and path in message and '--init_from=resume' in message
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and file_hash(path) == before
+
+
+@pytest.mark.parametrize('state, name', [
+    ({'model': {'a': torch.ones(3), 'b': torch.tensor([1.0, float('nan')])}}, 'model.b'),
+    ({'optimizer': {'state': {0: {'step': torch.tensor(3.0), 'exp_avg_sq': torch.tensor(
+        [float('inf')])}}, 'param_groups': [{'lr': 0.1, 'params': [0]}]}},
+     'optimizer.state.0.exp_avg_sq'),
+    ({'model': {'ids': torch.arange(3), 'w': torch.ones(2, dtype=torch.bfloat16)}}, None),
+])
+def test_non_finite_names_the_first_broken_tensor(state, name):
+    assert non_finite(state) == name
+
+
+class SignalledAtOnce:
+    """A StopFlag that has had a SIGTERM already: train.py saves at its first log step."""
+    signum = signal.SIGTERM
+
+
+@pytest.mark.usefixtures('script_state')
+def test_a_stop_signal_never_saves_broken_weights(shakespeare, tmp_path, monkeypatch):
+    """A stop signal saves at the next log step with no evaluation first. With a learning rate
+    of 1e30 the second step breaks the weights after its loss was computed (still finite):
+    train.py stops as diverged and the checkpoint of step 0 stays. In this process, tiny."""
+    monkeypatch.setattr(training, 'StopFlag', SignalledAtOnce)
+    monkeypatch.setattr(sys, 'argv', ['train.py', *TINY, f'--out_dir={tmp_path}',
+                                      '--learning_rate=1e30', '--grad_clip=0.0',
+                                      '--warmup_iters=0', '--log_interval=2'])
+    message = exit_message(runpy.run_path, os.path.join(ROOT, 'train.py'), None, '__main__')
+    assert 'holds NaN or inf at iter 2: training diverged' in message, message
+    assert 'still holds the last good state' in message
+    ckpt = load_ckpt(tmp_path)
+    assert ckpt['iter_num'] == 0 and non_finite(ckpt) is None
 
 
 def token_file(tmp_path, tokens=None, raw=None):
@@ -1353,6 +1420,11 @@ def test_prepare_dataset(tmp_path, monkeypatch, capsys):
     data_dir.mkdir()
     message = exit_message(prepare_dataset, str(data_dir), False)
     assert "dataset 'tiny'" in message and 'prepare.py' in message
+    assert 'train.bin and ' in message and 'val.bin' in message
+    (data_dir / 'train.bin').write_bytes(b'ab')             # one of the two: that one is named
+    message = exit_message(prepare_dataset, str(data_dir), False)
+    assert 'val.bin' in message and 'train.bin' not in message
+    (data_dir / 'train.bin').unlink()
     (data_dir / 'prepare.py').write_text(
         "import os, sys\n"
         "assert sys.argv == [__file__], sys.argv\n"         # not train.py's --key=value options
@@ -2164,6 +2236,7 @@ def test_sample_temperature_zero_is_greedy(tmp_path, capsys):
     ('--temperature=1e999', 'temperature=inf: expected a finite number >= 0'),
     ('--top_k=-1', 'top_k=-1: expected a number of tokens >= 1, or 0 for all tokens'),
     ('--sink_tokens=-1', 'sink_tokens=-1: expected 0 or more'),
+    ('--seed=18446744073709551616', 'seed=18446744073709551616: expected an integer from 0'),
 ])
 def test_sample_rejects_bad_settings_before_loading(tmp_path, arg, message):
     """Checked before anything is loaded: the checkpoint here is corrupt, and it is the setting
@@ -2191,6 +2264,14 @@ def test_sample_prompt_file_errors(tmp_path, prompt, message):
 
 
 @pytest.mark.usefixtures('script_state')
+def test_sample_refuses_a_prompt_beyond_the_models_vocabulary(tmp_path):
+    save_small_vocabulary_checkpoint(tmp_path)  # vocab_size=V: 'ROMEO:' encodes to larger ids
+    message = exit_message(sample.main, [f'--out_dir={tmp_path}', '--device=cpu',
+                                         '--start=ROMEO:'])
+    assert f'vocab_size={V}' in message and str(tmp_path / 'ckpt.pt') in message
+
+
+@pytest.mark.usefixtures('script_state')
 def test_sample_checks_the_device_before_the_checkpoint(tmp_path):
     """There is no GPU cuda:99 on any machine: the message says so (not a torch.load hint about
     map_location), before the (corrupt) checkpoint is read."""
@@ -2212,6 +2293,10 @@ def test_scripts_refuse_bad_checkpoints_in_one_line(tmp_path, kind, script):
     else:
         message = exit_message(eval_script.load_model, str(tmp_path), 0, 1024, 'cpu')
     assert str(path) in message
+    if kind in ('missing', 'directory'):        # the fix names the script's own option
+        option, other = (('--out_dir', '--checkpoints') if script == 'sample' else
+                         ('--checkpoints', '--out_dir'))
+        assert option in message and other not in message, message
 
 
 EVAL = runpy.run_path(os.path.join(ROOT, 'eval.py'))    # its functions; main() does not run
@@ -2339,10 +2424,48 @@ def test_eval_names_the_datasets_that_exist(tmp_path, monkeypatch):
     message = exit_message(eval_script.main, ['--checkpoints=nosuch', '--dataset=mini',
                                               *EVAL_ARGS])
     assert 'run python data/mini/prepare.py first' in message
-    (tmp_path / 'mini' / 'val.bin').write_bytes(b'')        # what an old prepare could leave
-    message = exit_message(eval_script.main, ['--checkpoints=nosuch', '--dataset=mini',
+
+
+def save_small_vocabulary_checkpoint(out_dir):
+    """out_dir/ckpt.pt of an untrained tiny softmax model with vocab_size=V."""
+    model = tiny_model(attn='softmax')
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config)},
+               os.path.join(out_dir, 'ckpt.pt'))
+
+
+@pytest.mark.usefixtures('script_state')
+@pytest.mark.parametrize('content, expected', [
+    (b'', 'has 0 bytes'),                               # what an old prepare could leave
+    (b'\x01\x00\x02', 'has 3 bytes'),                    # not uint16
+    (np.array([1, 2, V, 3], dtype=np.uint16).tobytes(), f'token id {V}, but the model has '
+                                                        f'vocab_size={V}'),
+], ids=['empty', 'odd-sized', 'beyond the vocabulary'])
+def test_eval_checks_the_data_as_train_py_does(tmp_path, monkeypatch, content, expected):
+    """training.check_token_file, before any evaluation, against the checkpoints' vocabulary."""
+    (tmp_path / 'mini').mkdir()
+    (tmp_path / 'mini' / 'prepare.py').write_text('')
+    (tmp_path / 'mini' / 'val.bin').write_bytes(content)
+    monkeypatch.setattr(eval_script, 'DATA_DIR', str(tmp_path))
+    save_small_vocabulary_checkpoint(tmp_path)
+    message = exit_message(eval_script.main, [f'--checkpoints={tmp_path}', '--dataset=mini',
                                               *EVAL_ARGS])
-    assert 'is empty: run python data/mini/prepare.py again' in message
+    assert expected in message and os.path.join('mini', 'prepare.py') in message, message
+
+
+@pytest.mark.usefixtures('script_state')
+def test_eval_checks_the_plot_before_any_work(shakespeare, tmp_path):
+    """Before the checkpoint (missing here) is read: a format matplotlib needs other software
+    for, a folder that is a file; a folder that is missing is made."""
+    (tmp_path / 'a_file').write_text('')
+    for plot, expected in [('eval.jpg', "plot='eval.jpg': expected a file name ending in .png"),
+                           (tmp_path / 'a_file' / 'eval.png', 'is a file, not a folder')]:
+        message = exit_message(eval_script.main, ['--checkpoints=nosuch', '--device=cpu',
+                                                  f'--plot={plot}'])
+        assert expected in message and '--plot' in message, message
+    plot = tmp_path / 'new' / 'eval.svg'
+    message = exit_message(eval_script.main, ['--checkpoints=nosuch', '--device=cpu',
+                                              f'--plot={plot}'])
+    assert 'no checkpoint' in message and plot.parent.is_dir()
 
 
 def test_stretches_stay_inside_documents():
@@ -2630,8 +2753,7 @@ def test_model_predictor_picks_among_the_values():
 
 def test_prepare_writes_the_answers_and_only_them(tmp_path):
     p = dataclasses.replace(RECALL_TINY, train_examples=40, val_examples=12)
-    prepare = runpy.run_path(os.path.join(ROOT, 'data', 'recall', 'prepare.py'))['prepare']
-    counts = prepare(p, str(tmp_path))
+    counts = RECALL_PREPARE(p, str(tmp_path))
     for split, n in (('train', 40), ('val', 12)):
         tokens = np.fromfile(tmp_path / f'{split}.bin', dtype=np.uint16).astype(np.int64)
         mask = np.fromfile(tmp_path / f'{split}_mask.bin', dtype=np.uint8)
@@ -2741,6 +2863,79 @@ def test_eval_of_untrained_checkpoints(recall_settings, tmp_path, capsys, monkey
     assert '| sigmoid, positive ALiBi |' not in table
 
 
+class QuickClock:
+    """recall.py's time, with sleeps of 10 ms: its loop sees the trainings end sooner."""
+    time = staticmethod(time.time)
+
+    @staticmethod
+    def sleep(seconds):
+        time.sleep(0.01)
+
+
+class TimeoutClock(QuickClock):
+    """... and at the first sleep, a SIGTERM comes: what `timeout` sends."""
+    @staticmethod
+    def sleep(seconds):
+        # (with no handler of recall.py's, the signal would end the test run itself)
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), \
+            'SIGTERM kills recall.py at once, and its trainings run on'
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+
+
+def run_fake_trainings(monkeypatch, tmp_path, program, clock):
+    """recall.py --action=train on the tiny preset, 2 at a time, where each train.py is
+    `python -c program` instead. Returns the SystemExit message and (process, its exit code
+    when recall.py returned: None if still running) for each process started."""
+    started = []
+
+    def run_command(cmd, **kwargs):
+        started.append(subprocess.Popen([sys.executable, '-c', program], **kwargs))
+        return started[-1]
+    monkeypatch.setattr(recall, 'run_command', run_command)
+    monkeypatch.setattr(recall, 'data_is_prepared', lambda p: True)
+    monkeypatch.setattr(recall, 'time', clock)
+    try:
+        message = exit_message(recall.main, ['--preset=tiny', '--action=train', '--jobs=2',
+                                             f'--out_root={tmp_path}', '--device=cpu'])
+        return message, [(process, process.poll()) for process in started]
+    finally:
+        for process in started:             # (none is left running, whatever happened)
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.usefixtures('recall_settings', 'script_state')
+def test_recall_names_the_error_of_a_failed_training(tmp_path, monkeypatch):
+    message, started = run_fake_trainings(
+        monkeypatch, tmp_path, 'import sys; sys.exit("--n_head=3: the fix")', QuickClock)
+    assert 'failed (exit 1): --n_head=3: the fix' in message and 'train.log' in message
+    assert all(code is not None for _, code in started)     # the other one was stopped
+
+
+@pytest.mark.usefixtures('recall_settings', 'script_state')
+def test_stopping_recall_stops_its_trainings(tmp_path, monkeypatch):
+    """A SIGTERM to recall.py is passed on to the trainings (which save a checkpoint and exit)
+    and waited for: none runs on after recall.py."""
+    before = signal.getsignal(signal.SIGTERM)
+    message, started = run_fake_trainings(
+        monkeypatch, tmp_path, 'import time; time.sleep(60)', TimeoutClock)
+    assert 'stopped: run the same command to continue' in message
+    assert [code for _, code in started] == [-signal.SIGTERM] * 2
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.usefixtures('recall_settings', 'script_state')
+def test_recall_checks_the_device_before_the_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(recall, 'run_trainings', None)         # never reached
+    message = exit_message(recall.main, ['--preset=tiny', '--action=all', '--device=cuda:99'])
+    assert "device='cuda:99'" in message
+    (tmp_path / 'a_file').write_text('')                       # and where the checkpoints go
+    message = exit_message(recall.main, ['--preset=tiny', '--action=train', '--device=cpu',
+                                         f'--out_root={tmp_path / "a_file"}'])
+    assert 'is a file, not a folder: pass another --out_root' in message
+
+
 def test_eval_says_what_is_not_trained(recall_settings, tmp_path, capsys):
     with pytest.raises(SystemExit, match='no finished training'):
         recall.main(['--preset=tiny', '--action=eval', f'--out_root={tmp_path}', '--plot=',
@@ -2779,8 +2974,8 @@ def test_bad_tokenizer_file_gives_clear_error(tmp_path, monkeypatch, content):
     monkeypatch.setattr(tokenizer, "RANKS_PATH", str(path))
     gpt2_tokenizer.cache_clear()  # force a fresh load from the patched path
     try:
-        with pytest.raises((ValueError, FileNotFoundError), match="git checkout data/r50k_base.tiktoken"):
-            gpt2_tokenizer()
+        message = exit_message(gpt2_tokenizer)      # one line, for the scripts that use it
+        assert str(path) in message and "git checkout data/r50k_base.tiktoken" in message
     finally:
         gpt2_tokenizer.cache_clear()  # the next test reloads the real file
 
@@ -2929,6 +3124,56 @@ def test_prepare_missing_or_wrong_paths(tmp_path, out_dir, script):
     assert not os.path.exists(nowhere)
 
 
+def read_only(*args, **kwargs):
+    """What opening a file for writing does on a read-only disk (chmod does not stop root,
+    who runs the tests in some containers: the refusal is faked)."""
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+def writing_to(disk):
+    """open, except that a file opened for writing is disk's: a FullDisk, or read_only."""
+    return lambda path, mode='r', **kwargs: (disk(path, mode) if 'w' in mode else
+                                             open(path, mode, **kwargs))
+
+
+@pytest.mark.parametrize('disk, expected', [(read_only, 'Read-only file system'),
+                                            (FullDisk, 'disk full')])
+def test_prepare_keeps_the_bins_when_the_disk_fails(tmp_path, out_dir, monkeypatch, disk,
+                                                    expected):
+    monkeypatch.setattr(FullDisk, 'room', 100)
+    monkeypatch.setattr(tokenizer, 'open', writing_to(disk), raising=False)
+    sample = os.path.join(ROOT, 'data', 'openwebtext', 'sample.jsonl')
+    message = exit_message(PREPARE['openwebtext'], str(out_dir), sample)
+    assert expected in message and str(out_dir) in message and '--out_dir' in message
+    assert_bins_untouched(out_dir)
+
+
+RECALL_PREPARE = runpy.run_path(os.path.join(ROOT, 'data', 'recall', 'prepare.py'))['prepare']
+
+
+@pytest.mark.parametrize('case, expected', [
+    ('negative seed', '--seed=-1: expected 0 or more'),
+    ('out_dir a file', 'is a file, not a folder: pass another --out_dir'),
+    ('read-only out_dir', 'Read-only file system'),
+    ('full disk', 'disk full'),
+])
+def test_recall_prepare_refuses_what_cannot_work(tmp_path, out_dir, monkeypatch, case, expected):
+    """One line, and the files that were there stay as they were."""
+    p = dataclasses.replace(RECALL_TINY, train_examples=40, val_examples=12)
+    folder, seed = str(out_dir), 0
+    if case == 'negative seed':
+        seed = -1
+    elif case == 'out_dir a file':
+        folder = str(out_dir / 'train.bin')
+    elif case == 'read-only out_dir':
+        monkeypatch.setattr(tempfile, 'NamedTemporaryFile', read_only)     # check_folder's probe
+    else:
+        monkeypatch.setattr(FullDisk, 'room', 100)
+        monkeypatch.setattr(tokenizer, 'open', writing_to(FullDisk), raising=False)
+    assert expected in exit_message(RECALL_PREPARE, p, folder, seed)
+    assert_bins_untouched(out_dir)
+
+
 def test_prepare_shakespeare_into_a_missing_folder(tmp_path):
     prepare = runpy.run_path(os.path.join(ROOT, 'data', 'shakespeare', 'prepare.py'))['prepare']
     nowhere = str(tmp_path / 'nowhere')
@@ -2965,6 +3210,23 @@ def test_check_device_names_what_is_not_here(device, message):
     assert message in exit_message(runtime.check_device, device)
 
 
+@pytest.mark.usefixtures('script_state')
+@pytest.mark.parametrize('args, message', [
+    (['--batch_sizes=1,a'], "batch_sizes='1,a': expected comma-separated integers"),
+    (['--batch_sizes=8,0'], "batch_sizes='8,0': every batch size must be 1 or more"),
+    (['--methods=graph,fast'], "methods='graph,fast': expected some of graph, eager, unbounded"),
+    (['--span=0'], 'span=0: expected 1 or more'),
+    (['--tokens=300', '--span=256'], 'tokens=300 with span=256: expected tokens >= 2 * span + '
+                                     '100'),
+    (['--long_tokens=500'], 'long_tokens=500: expected 0 (no long run) or at least 1200'),
+    (['--long_tokens=-1'], 'long_tokens=-1: expected 0 (no long run) or at least 1200'),
+    (['--dtype=float64'], "dtype='float64': expected one of"),
+])
+def test_bench_generate_refuses_settings_that_cannot_work(args, message):
+    """Before the model is built: one line naming the setting."""
+    assert message in exit_message(bench_generate.main, ['--device=cpu', *args])
+
+
 @slow
 def test_bench_generate_rejects_a_device_that_is_not_here():
     proc = run('bench_generate.py', '--device=cuda:99', check=False)
@@ -2980,3 +3242,20 @@ def test_bench_says_it_needs_a_gpu():
         "bench.py times GPU kernels and needs a CUDA GPU, but torch sees none here; on a CPU, "
         "python bench_generate.py --device=cpu times generation")
 
+
+@slow                                           # importing bench sets up FlexAttention's compile
+@pytest.mark.parametrize('arg, message', [
+    ('--sigmoid=approx', "sigmoid='approx': expected 'fast' or 'exact'"),
+    ('--sweep_lengths=1024,2k', "sweep_lengths='1024,2k': expected comma-separated lengths"),
+    ('--train_lengths=0', "train_lengths='0': expected comma-separated lengths"),
+    ('--tokens=1000', 'tokens=1000, seq_len=16384: expected tokens (B * T) a multiple of'),
+    ('--train_tokens=5000', 'train_tokens=5000 must be a multiple of each length in '
+                            'train_lengths (4096)'),
+    ('--sweep_window=0', 'sweep_window=0: expected a window of 1 or more'),
+])
+def test_bench_refuses_settings_that_cannot_work(monkeypatch, arg, message):
+    """Before the GPU is looked for, and so on any machine."""
+    import bench
+    for key in bench.SETTINGS:                  # apply_settings sets them: put them back after
+        monkeypatch.setattr(bench, key, getattr(bench, key))
+    assert message in exit_message(bench.apply_settings, [arg])

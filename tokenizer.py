@@ -16,6 +16,8 @@ silently producing a different tokenization.
 """
 
 import base64
+import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -34,15 +36,16 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\
 
 
 def load_ranks(path):
-    """Read and verify a .tiktoken file; return {token bytes: rank}."""
+    """Read and verify a .tiktoken file; return {token bytes: rank}. A file that is missing or
+    damaged stops the script with one line (SystemExit) saying how to restore it."""
     fix = "Restore it with `git checkout data/r50k_base.tiktoken`."
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"GPT-2 tokenizer file not found: {path}. {fix}")
+        raise SystemExit(f"GPT-2 tokenizer file not found: {path}. {fix}")
     with open(path, "rb") as f:
         data = f.read()
     digest = hashlib.sha256(data).hexdigest()
     if digest != RANKS_SHA256:
-        raise ValueError(
+        raise SystemExit(
             f"GPT-2 tokenizer file {path} is corrupt: sha256 {digest}, "
             f"expected {RANKS_SHA256}. {fix}"
         )
@@ -111,15 +114,57 @@ def sample_documents(path):
             raise SystemExit(f"{path} is not UTF-8 text: save it as UTF-8") from None
 
 
+@contextlib.contextmanager
+def replacing(paths):
+    """Yield write(key, data), which appends the bytes data to the file paths[key] + '.tmp' (all
+    of them opened first). When the block ends, every .tmp file is renamed over its path. On any
+    error (a bad input, Ctrl-C, a disk that is full or read-only) the .tmp files are removed
+    instead and the files at paths stay as they were; a failed write stops with one line."""
+    folder = os.path.dirname(next(iter(paths.values()))) or "."
+    files = {}
+
+    @contextlib.contextmanager
+    def disk():                 # the OSErrors of our files alone (not, say, of a download)
+        try:
+            yield
+        except OSError as e:
+            reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise SystemExit(f"cannot write to {folder} ({reason}): the files there are as "
+                             f"they were; make room, or pass another --out_dir") from None
+
+    def write(key, data):
+        with disk():
+            files[key].write(data)
+
+    try:
+        with disk():
+            for key, path in paths.items():
+                files[key] = open(path + ".tmp", "wb")
+        yield write
+        with disk():
+            for f in files.values():
+                f.close()       # the last bytes go out now: a full disk may show only here
+    except BaseException:
+        for key, f in files.items():
+            with contextlib.suppress(OSError):
+                f.close()
+            with contextlib.suppress(OSError):
+                os.remove(paths[key] + ".tmp")
+        raise
+    for key, path in paths.items():
+        os.replace(path + ".tmp", path)
+
+
 def write_token_bins(documents, out_dir, batch_size=256):
     """Tokenize ('train' or 'val', text) pairs into out_dir/train.bin and val.bin; return
     {split: (documents, tokens)}.
 
     The format is nanoGPT's: raw uint16 GPT-2 token ids (every id is < 50257 < 2**16, half the
     size of int32), each document followed by <|endoftext|>. Documents are encoded batch_size at
-    a time on all cores. Each bin is written to a .tmp file and renamed over the old bin only
-    when both are complete and neither is empty: an interrupted run, a bad input or an empty
-    split leaves the bins that were there as they were, and no .tmp file behind."""
+    a time on all cores. The bins are replaced only when both are complete and neither is empty
+    (see replacing): an interrupted run, a bad input, an empty split or a full disk leaves the
+    bins that were there as they were, and no .tmp file behind. The .tmp files are opened
+    first, so that a folder that takes no files fails at once, before any download."""
     import numpy as np
 
     if not os.path.isdir(out_dir):
@@ -127,40 +172,31 @@ def write_token_bins(documents, out_dir, batch_size=256):
                          f"(mkdir -p {out_dir}) or give another --out_dir")
     enc = gpt2_tokenizer()
     splits = ("train", "val")
-    bins = {split: os.path.join(out_dir, f"{split}.bin") for split in splits}
     counts = {split: [0, 0] for split in splits}
     threads = os.cpu_count() or 1
 
-    def write(batch, files):
+    def encode(batch, write):
         for (split, _), ids in zip(batch, enc.encode_ordinary_batch([t for _, t in batch],
                                                                     num_threads=threads)):
-            np.array(ids + [EOT], dtype=np.uint16).tofile(files[split])
+            # bytes, not numpy's tofile, which loses the errno of a full disk
+            write(split, np.array(ids + [EOT], dtype=np.uint16).tobytes())
             counts[split][0] += 1
             counts[split][1] += len(ids) + 1
 
-    try:
-        with open(bins["train"] + ".tmp", "wb") as train, open(bins["val"] + ".tmp", "wb") as val:
-            files = {"train": train, "val": val}
-            batch = []
-            for document in documents:
-                batch.append(document)
-                if len(batch) == batch_size:
-                    write(batch, files)
-                    batch = []
-            if batch:
-                write(batch, files)
+    with replacing({split: os.path.join(out_dir, f"{split}.bin") for split in splits}) as write:
+        batch = []
+        for document in documents:
+            batch.append(document)
+            if len(batch) == batch_size:
+                encode(batch, write)
+                batch = []
+        if batch:
+            encode(batch, write)
         empty = [f"{split}.bin" for split in splits if counts[split][0] == 0]
         if empty:
             read = sum(n for n, _ in counts.values())
             raise SystemExit(f"no documents for {' or '.join(empty)} (of the {read} read): "
                              f"train.bin and val.bin need at least one each; nothing was written")
-    except BaseException:       # an error, an empty split, Ctrl-C: remove the .tmp files
-        for path in bins.values():
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-        raise
-    for split in splits:        # all done: put the bins in place
-        os.replace(bins[split] + ".tmp", bins[split])
     for split, (n_documents, n_tokens) in counts.items():
         print(f"{split}: {n_documents:,} documents, {n_tokens:,} tokens -> {split}.bin")
     return {split: tuple(c) for split, c in counts.items()}

@@ -43,8 +43,8 @@ from runtime import setup_device_and_precision
 from swat import SWAT, SWATConfig
 from training import (StopFlag, changed_settings, check_mask_file, check_out_dir, check_settings,
                       check_token_file, get_batch, get_lr, load_for_resume, merge_model_args,
-                      micro_batches_per_process, out_of_memory_advice, prepare_dataset,
-                      restore_rng_state, rng_state, save_checkpoint_file)
+                      micro_batches_per_process, non_finite, out_of_memory_advice,
+                      prepare_dataset, restore_rng_state, rng_state, save_checkpoint_file)
 
 # -----------------------------------------------------------------------------
 # default settings: a small SWAT on Shakespeare
@@ -271,6 +271,12 @@ def estimate_loss():
 def save_checkpoint():
     """Write everything a resumed run needs to continue exactly as this one would. Under DDP
     every rank must call it (they hand their random states to the master, who writes)."""
+    # Nothing non-finite is ever saved: a step can break the weights (or the optimizer's state)
+    # after its loss was computed, and a stop signal saves with no evaluation in between. Every
+    # rank checks, as every rank holds the same weights, so that all of them stop together.
+    broken = non_finite({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict()})
+    if broken:
+        diverged(f"{broken} holds NaN or inf")
     mine = rng_state(device_type, device)   # this rank's random state
     rng_states = [None] * world_size if ddp else [mine]
     if ddp:
@@ -292,7 +298,7 @@ def save_checkpoint():
 
 
 def diverged(what):
-    """Stop on a NaN/inf loss, before anything could save the broken weights."""
+    """Stop on a NaN/inf loss or weights, before anything could save the broken state."""
     fail(f"{what} at iter {iter_num}: training diverged. Stopping without saving, so "
          f"{ckpt_path} still holds the last good state (if any). Try a lower learning rate "
          f"(--learning_rate={learning_rate} now), a longer warmup (--warmup_iters) or gradient "

@@ -46,6 +46,8 @@ def check_settings(settings):
     for key in ('beta1', 'beta2'):
         if not 0 <= settings[key] < 1:      # AdamW's decay rates: 1 divides by zero
             stop(key, "a value in [0, 1), e.g. 0.9 or 0.95")
+    if not 0 <= settings['seed'] < 2 ** 63:     # torch.manual_seed(seed + rank) takes < 2**64
+        stop('seed', "an integer from 0 to 2**63 - 1")
     # (lr_decay_iters < warmup_iters is fine: get_lr goes from the warmup straight to min_lr)
 
 
@@ -59,11 +61,24 @@ def micro_batches_per_process(total, world_size):
     return per_process * world_size, per_process
 
 
+def check_folder(folder, setting):
+    """Make folder if need be, and make sure that files can be written in it: before any work,
+    not when the results are ready. Else stop with one line naming --setting, the option that
+    gave the folder."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f"{folder!r} is a file, not a folder: pass another --{setting}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):   # a file made and removed: we can write
+            pass
+    except OSError as e:                    # a file on the way, no permission, read-only disk
+        raise SystemExit(f"cannot write to {folder!r} ({e.strerror or e}): pass a --{setting} "
+                         f"you can write to") from None
+
+
 def check_out_dir(out_dir, init_from):
     """Make out_dir if needed and make sure that a checkpoint can be written there, before any
     training; refuse to train from scratch over a checkpoint that is already there."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise SystemExit(f"out_dir={out_dir!r} is a file, not a folder: pass another --out_dir")
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if os.path.exists(ckpt_path) and not os.path.isfile(ckpt_path):
         raise SystemExit(f"{ckpt_path} is not a file, so no checkpoint can be saved there: "
@@ -71,13 +86,7 @@ def check_out_dir(out_dir, init_from):
     if init_from == 'scratch' and os.path.exists(ckpt_path):
         raise SystemExit(f"{ckpt_path} exists and training from scratch would overwrite it: "
                          f"continue it with --init_from=resume, or pass another --out_dir")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir):  # a file made and removed: we can write
-            pass
-    except OSError as e:                    # a file on the way, no permission, read-only disk
-        raise SystemExit(f"cannot write to out_dir={out_dir!r} ({e.strerror or e}): pass an "
-                         f"--out_dir you can write to") from None
+    check_folder(out_dir, 'out_dir')
 
 
 def save_checkpoint_file(checkpoint, path):
@@ -93,27 +102,47 @@ def save_checkpoint_file(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             os.remove(tmp_path)             # of no use, and it takes the space that is missing
-        reason = 'disk full' if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        # torch.save reports a failed write as a RuntimeError, raised while handling the OSError
+        error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(error, OSError):
+            raise                           # not the disk: a bug, with its traceback
+        reason = 'disk full' if error.errno == errno.ENOSPC else (error.strerror or str(error))
         raise SystemExit(f"cannot save the checkpoint {path} ({reason}); the previous one there, "
                          f"if any, is intact: make room (or pick another --out_dir, with "
                          f"ckpt.pt copied over) and continue with --init_from=resume") from None
 
 
+def non_finite(state, name=''):
+    """The name of the first floating-point tensor of state (a state_dict: tensors in dicts and
+    lists) that holds a NaN or an infinity, e.g. 'model.lm_head.weight'; None if there is none."""
+    if isinstance(state, torch.Tensor):
+        return name if state.is_floating_point() and not torch.isfinite(state).all() else None
+    if isinstance(state, (dict, list, tuple)):
+        items = state.items() if isinstance(state, dict) else enumerate(state)
+        for key, value in items:
+            found = non_finite(value, f"{name}.{key}" if name else str(key))
+            if found:
+                return found
+    return None
+
+
 def check_token_file(path, block_size, vocab_size, example_length=0):
     """Stop unless path is a file of uint16 token ids (2 bytes each), at least block_size + 1
-    of them (a sequence and its targets, shifted by one), all below vocab_size; with
-    example_length > 0 (see get_batch), a whole number of examples of that many tokens, each
-    long enough for a sequence and its targets. One pass over the file, once at the start;
-    returns the number of tokens."""
+    of them (a sequence and its targets, shifted by one; block_size=0: at least one), all below
+    vocab_size; with example_length > 0 (see get_batch), a whole number of examples of that many
+    tokens, each long enough for a sequence and its targets. Every script that reads a .bin
+    checks it so, before any work. One pass over the file; returns the number of tokens."""
     if example_length and example_length < block_size + 1:    # (a negative one too)
         raise SystemExit(f"--example_length={example_length}: expected 0 (sequences at any "
                          f"offset) or the length of the corpus's examples, at least block_size "
                          f"+ 1 = {block_size + 1} (data/recall: --example_length="
                          f"{block_size + 1})")
-    remake = "make it again with the dataset's prepare.py"
+    prepare_script = os.path.join(os.path.dirname(path), 'prepare.py')
+    remake = (f"make it again with python {prepare_script}" if os.path.isfile(prepare_script)
+              else "make it again")
     if not os.path.isfile(path):
         raise SystemExit(f"{path} is not a file: {remake}")
     size = os.path.getsize(path)
@@ -133,8 +162,8 @@ def check_token_file(path, block_size, vocab_size, example_length=0):
     largest = int(data.max())
     if largest >= vocab_size:               # the embedding lookup would fail mid-training
         raise SystemExit(f"{path} holds the token id {largest}, but the model has "
-                         f"vocab_size={vocab_size}: it was made by another tokenizer (or "
-                         f"--vocab_size is too small); {remake}")
+                         f"vocab_size={vocab_size}: it was made by another tokenizer, or the "
+                         f"model's vocab_size is too small; {remake}")
     return len(data)
 
 
@@ -237,12 +266,13 @@ def get_batch(data_dir, split, key, seed, block_size, batch_size, micro_step=0, 
 def prepare_dataset(data_dir, ddp):
     """Make data_dir/{train,val}.bin with data_dir/prepare.py if either is missing."""
     bin_paths = [os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')]
-    if all(os.path.exists(p) for p in bin_paths):
+    missing = [p for p in bin_paths if not os.path.exists(p)]
+    if not missing:
         return
     dataset, prepare_script = os.path.basename(data_dir), os.path.join(data_dir, 'prepare.py')
     if not os.path.exists(prepare_script):
-        raise SystemExit(f"dataset {dataset!r}: {bin_paths[0]} and {bin_paths[1]} are missing "
-                         f"and there is no {prepare_script} to make them")
+        raise SystemExit(f"dataset {dataset!r} lacks {' and '.join(missing)}, and there is no "
+                         f"{prepare_script} to make it")
     if ddp:                                 # not N processes writing the same files at once
         raise SystemExit(f"dataset {dataset!r} is not tokenized yet: run python {prepare_script} "
                          f"first")

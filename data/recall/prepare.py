@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from configurator import apply_overrides  # noqa: E402
 from recall import (DATA_FIELDS, PRESETS, check_vocabulary, make_examples,  # noqa: E402
                     shakespeare_tokens)
+from tokenizer import replacing  # noqa: E402
+from training import check_folder  # noqa: E402
 
 # -----------------------------------------------------------------------------
 preset = 'default'      # a preset of recall.py: the example length, the vocabulary, the counts
@@ -48,27 +50,29 @@ seed = 0                # the examples' random seed
 
 def prepare(p, out_dir=HERE, seed=0):
     """Write out_dir/{train,val}.bin, {train,val}_mask.bin and meta.json for the recall.Preset
-    p; return {split: (examples, answers)}. Each file goes to a .tmp first and is renamed when
-    complete, so an interrupted run leaves no half-written file for train.py to pick up."""
+    p; return {split: (examples, answers)}. The settings and out_dir are checked first; the
+    files go to .tmp files and replace the old ones together when all are complete, so an
+    interrupted run or a full disk leaves the files that were there (see tokenizer.replacing)."""
     check_vocabulary(p)
-    os.makedirs(out_dir, exist_ok=True)
-    meta = os.path.join(out_dir, 'meta.json')
-    if os.path.exists(meta):
-        os.remove(meta)         # until the end, the files here belong to no preset
+    if seed < 0:
+        raise SystemExit(f"--seed={seed}: expected 0 or more")
+    check_folder(out_dir, 'out_dir')
+    names = ('train.bin', 'train_mask.bin', 'val.bin', 'val_mask.bin', 'meta.json')
     counts = {}
-    for i, (split, n) in enumerate((('train', p.train_examples), ('val', p.val_examples))):
-        rng = np.random.default_rng([seed, i])
-        tokens, answers = make_examples(None, rng, n, p, shakespeare_tokens(split))
-        for name, array in ((f'{split}.bin', tokens.astype(np.uint16)),
-                            (f'{split}_mask.bin', answers.astype(np.uint8))):
-            path = os.path.join(out_dir, name)
-            array.tofile(path + '.tmp')                 # flattened: the examples end to end
-            os.replace(path + '.tmp', path)
-        counts[split] = (n, int(answers.sum()))
-        print(f"{split}: {n:,} examples of {p.example_length} tokens, {counts[split][1]:,} "
-              f"answers -> {split}.bin, {split}_mask.bin")
-    with open(meta, 'w') as f:
-        json.dump({k: getattr(p, k) for k in DATA_FIELDS}, f)
+    with replacing({name: os.path.join(out_dir, name) for name in names}) as write:
+        for i, (split, n) in enumerate((('train', p.train_examples), ('val', p.val_examples))):
+            rng = np.random.default_rng([seed, i])
+            tokens, answers = make_examples(None, rng, n, p, shakespeare_tokens(split))
+            write(f'{split}.bin', tokens.astype(np.uint16).tobytes())   # the examples end to end
+            write(f'{split}_mask.bin', answers.astype(np.uint8).tobytes())
+            counts[split] = (n, int(answers.sum()))
+            print(f"{split}: {n:,} examples of {p.example_length} tokens, {counts[split][1]:,} "
+                  f"answers -> {split}.bin, {split}_mask.bin")
+        write('meta.json', json.dumps({k: getattr(p, k) for k in DATA_FIELDS}).encode())
+        # the old record goes before the files are replaced: half-way, it would describe a mix
+        meta = os.path.join(out_dir, 'meta.json')
+        if os.path.exists(meta):
+            os.remove(meta)
     return counts
 
 
