@@ -34,6 +34,7 @@ never all B x L x 50304 of them. --max_batch_tokens caps the tokens of one forwa
     python eval.py --checkpoints=out --lengths=128,512,2048 --device=cpu --plot=''
 """
 
+import contextlib
 import math
 import os
 import re
@@ -46,7 +47,7 @@ from configurator import apply_overrides
 from runtime import setup_device_and_precision
 from swat import SWAT, CheckpointError, checkpoint_path, load_checkpoint
 from tokenizer import EOT
-from training import check_folder, check_token_file
+from training import check_folder, check_token_file, write_failure
 
 # -----------------------------------------------------------------------------
 checkpoints = 'out'         # comma-separated out_dirs or ckpt.pt paths, each maybe :sinks=K:window=W
@@ -239,6 +240,19 @@ def plot_losses(path, labels, lengths, results, training_lengths, title):
     plt.close(fig)
 
 
+def write_result(path, write):
+    """write(path), a plot or a table of numbers already printed; if the disk refuses it (full,
+    the folder gone), one line that says so, and no half-written file left behind."""
+    try:
+        write(path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise SystemExit(f"cannot write {path} ({write_failure(error)}); the table above holds "
+                         f"the numbers: make room and run again, or pass --plot='' for none") \
+            from None
+
+
 def check_settings():
     """The evaluation lengths and the checkpoints' (path, window, sinks), or SystemExit with one
     line for a setting that cannot work: all checked before any work."""
@@ -312,8 +326,9 @@ def main(args=None):
     print(format_table(labels, eval_lengths, results))
     if plot:
         training_lengths = [model.config.block_size for model, _, _ in models]
-        plot_losses(plot, labels, eval_lengths, results, training_lengths,
-                    f"{dataset}: validation loss against evaluation length")
+        title = f"{dataset}: validation loss against evaluation length"
+        write_result(plot, lambda path: plot_losses(path, labels, eval_lengths, results,
+                                                    training_lengths, title))
         print(f"plot written to {plot}")
 
 

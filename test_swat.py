@@ -2542,6 +2542,33 @@ def test_plot(tmp_path):
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.parametrize('case, expected', [('disk full', 'disk full'),
+                                            ('folder gone', os.strerror(errno.ENOENT))])
+def test_a_result_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, case, expected):
+    """A plot or table written after the evaluation (eval.py, recall.py): a disk that refuses
+    it gives one line that names the file and says the numbers are above, and no half a file."""
+    path = str(tmp_path / 'eval.png')
+    if case == 'disk full':
+        def write(path):                    # part written, then the disk is full
+            with open(path, 'wb') as f:
+                f.write(b'x' * 1000)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    else:
+        path = str(tmp_path / 'removed' / 'eval.png')
+        def write(path):
+            EVAL['plot_losses'](path, ['a'], [64, 256], [[5.0, 4.5]], [64], 'test')
+    message = exit_message(EVAL['write_result'], path, write)
+    assert expected in message and path in message and 'the table above' in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failure_that_is_not_the_disk_keeps_its_traceback(tmp_path):
+    def write(path):
+        raise ValueError('a bug')
+    with pytest.raises(ValueError, match='a bug'):
+        EVAL['write_result'](str(tmp_path / 'eval.png'), write)
+
+
 
 # recall.py: the recall benchmark (its generator, scoring, commands, table and plot)
 

@@ -89,6 +89,11 @@ def check_out_dir(out_dir, init_from):
     check_folder(out_dir, 'out_dir')
 
 
+def write_failure(error):
+    """Why a write failed, in a few words, for an OSError: 'disk full', or the system's words."""
+    return 'disk full' if error.errno == errno.ENOSPC else (error.strerror or str(error))
+
+
 def save_checkpoint_file(checkpoint, path):
     """torch.save(checkpoint, path) without ever leaving a broken file at path.
 
@@ -109,10 +114,10 @@ def save_checkpoint_file(checkpoint, path):
         error = e if isinstance(e, OSError) else e.__context__
         if not isinstance(error, OSError):
             raise                           # not the disk: a bug, with its traceback
-        reason = 'disk full' if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise SystemExit(f"cannot save the checkpoint {path} ({reason}); the previous one there, "
-                         f"if any, is intact: make room (or pick another --out_dir, with "
-                         f"ckpt.pt copied over) and continue with --init_from=resume") from None
+        raise SystemExit(f"cannot save the checkpoint {path} ({write_failure(error)}); the "
+                         f"previous one there, if any, is intact: make room (or pick another "
+                         f"--out_dir, with ckpt.pt copied over) and continue with "
+                         f"--init_from=resume") from None
 
 
 def non_finite(state, name=''):
