@@ -6,12 +6,17 @@ Times swat_attention next to the attention a user would otherwise reach for, on 
     python bench.py --mode=train         # training throughput of a GPT-2-small-sized model
     python bench.py --mode=loss          # the output layer and its cross-entropy alone
 
---mode=train times whole training steps of a 12-layer, 12-head, 768-wide model (forward,
-backward, fused AdamW, bfloat16 autocast, each block compiled on its own, as train.py runs
-them; --train_compile=model compiles the whole model as one graph instead) at train_lengths:
-SWAT with w = train_window next to the same model with softmax and full causal attention
-through SDPA (FlashAttention), both on train_tokens tokens per step. It reports tokens/s (from
-the median step time) and MFU, which counts only the attended (query, key) pairs.
+--mode=train times whole training steps of a 12-layer, 12-head, 768-wide model (train_shape;
+forward, backward, fused AdamW, bfloat16 autocast, each block compiled on its own and the step
+recorded as a CUDA graph, as train.py runs them on one GPU; --train_compile=model compiles the
+whole model as one graph instead, --train_graph=False launches every kernel from Python) at
+train_lengths: SWAT with w = train_window next to the same model with softmax and full causal
+attention through SDPA (FlashAttention), both on train_tokens tokens per step. It reports
+tokens/s (from the median step time) and MFU, which counts only the attended (query, key)
+pairs; then, from the profiler, where the GPU time of a step goes (attention, the other
+matmuls, the loss with its output layer, the optimizer, the rest) and how long the GPU idles.
+The default train.py's model: --train_shape=6,6,384 --train_lengths=512 --train_window=128
+--train_tokens=8192.
 
 Peers, all in bfloat16, in the same run:
 - flex sigmoid:  FlexAttention computing SWAT exactly: score_mod = logsigmoid(score + s_h (m-n)),
@@ -33,7 +38,8 @@ import kernel
 import swat
 from configurator import apply_overrides
 from kernel import attended_pairs, swat_attention
-from swat import SWAT, SWATConfig, alibi_slopes
+from swat import SWAT, CUDAGraphStep, SWATConfig, alibi_slopes
+from training import prepare_optimizer
 
 # -----------------------------------------------------------------------------
 sigmoid = 'fast'        # 'fast' (tanh.approx) or 'exact' (tl.sigmoid) in the kernel
@@ -47,11 +53,15 @@ train_lengths = '4096,16384'  # --mode=train: the sequence lengths, comma-separa
 train_window = 512      # --mode=train: SWAT's window
 train_tokens = 32768    # tokens per training step: batch size = train_tokens / length
 train_compile = 'blocks'  # 'blocks': each block on its own, as train.py; 'model': one graph
+train_shape = '12,12,768'  # --mode=train: n_layer,n_head,n_embd (train.py's defaults: 6,6,384)
+train_graph = True      # --mode=train: each step recorded as a CUDA graph, as train.py on one GPU
+train_profile = True    # --mode=train: where a step's GPU time goes, from the profiler
 fused_loss = True       # swat.FUSED_LOSS in --mode=train: the loss's elementwise work compiled
 loss_rows = 32768       # rows of the loss in --mode=loss
 loss_chunks = '1024,2048,4096'  # chunk sizes of the chunked loss in --mode=loss
 SETTINGS = ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths', 'mode',
-            'train_lengths', 'train_window', 'train_tokens', 'train_compile', 'fused_loss',
+            'train_lengths', 'train_window', 'train_tokens', 'train_compile', 'train_shape',
+            'train_graph', 'train_profile', 'fused_loss',
             'loss_rows', 'loss_chunks']
 # -----------------------------------------------------------------------------
 
@@ -79,6 +89,10 @@ def apply_settings(args):
         if train_tokens % T:
             raise SystemExit(f"train_tokens={train_tokens} must be a multiple of each length in "
                              f"train_lengths ({T})")
+    shape = train_shape.split(',')
+    if len(shape) != 3 or not all(n.isdigit() and int(n) > 0 for n in shape):
+        raise SystemExit(f"train_shape={train_shape!r}: expected n_layer,n_head,n_embd, e.g. "
+                         f"12,12,768")
     for key in ('sweep_window', 'train_window'):
         if globals()[key] < 1:
             raise SystemExit(f"{key}={globals()[key]}: expected a window of 1 or more")
@@ -190,10 +204,12 @@ def main():
         print(f"{T:>6} | {swat_ms:8.3f} | {sdpa_ms:11.3f} | {sdpa_ms / swat_ms:10.2f}x")
 
 
-def training_step_ms(config, batch_size):
-    """(median ms of one training step, peak GiB allocated, the model) for a fresh model."""
+def training_step(config, batch_size):
+    """A fresh model's training step, step() (forward, backward, fused AdamW), as train.py runs
+    it, and the model. The loss and the optimizer are marked for the profiler (step_split)."""
     model = SWAT(config).cuda()
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda')
+    prepare_optimizer(optimizer, train_graph, 'cuda')
     if train_compile == 'blocks':
         for block in model.transformer.h:
             block.compile()             # in place: the model itself now runs compiled blocks
@@ -202,50 +218,124 @@ def training_step_ms(config, batch_size):
         forward = torch.compile(model)
     x, y = torch.randint(0, 50257, (2, batch_size, config.block_size), device='cuda')
 
-    def step():
+    def step(x, y):
         with torch.autocast('cuda', dtype=torch.bfloat16):
             _, loss = forward(x, y)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with torch.profiler.record_function('optimizer'):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    for _ in range(3):                  # compile, autotune, and settle the allocator
+    recorded = CUDAGraphStep(step) if train_graph else step
+    return lambda: recorded(x, y), (lambda: step(x, y)), model
+
+
+def marked(name, function):
+    """function, inside a profiler range called name."""
+    def run(*args, **kwargs):
+        with torch.profiler.record_function(name):
+            return function(*args, **kwargs)
+    return run
+
+
+SPLIT = ('attention', 'matmuls', 'loss', 'optimizer', 'rest')
+ATTENTION_KERNELS = ('_forward_kernel', '_dkdv_kernel', '_dq_kernel', 'flash', 'fmha',
+                     'attention')
+MATMUL_KERNELS = ('gemm', 'nvjet', 'cutlass', 'xmma')
+
+
+def kernel_kind(event, kernel_name):
+    """Which part of SPLIT a kernel launched under the profiler event `event` belongs to: the
+    attention's kernels (forward and backward) by name; then everything launched inside the
+    loss (its matmuls too: the output layer's forward and backward both run there) and the
+    optimizer's ranges; the other matmuls by name; the rest (norms, activations, copies...)."""
+    name = kernel_name.lower()
+    if any(part in name for part in ATTENTION_KERNELS):
+        return 'attention'
+    while event is not None:
+        if event.name in ('loss', 'optimizer'):
+            return event.name
+        event = event.cpu_parent
+    return 'matmuls' if any(part in name for part in MATMUL_KERNELS) else 'rest'
+
+
+def step_split(step, steps=5):
+    """The GPU time of one eager step(), in ms by part (SPLIT), from the profiler. Eager: inside
+    a CUDA graph the profiler cannot tell which operation launched a kernel; the kernels are
+    the same."""
+    unmarked = swat.chunked_cross_entropy       # what SWAT.forward calls for its loss
+    swat.chunked_cross_entropy = marked('loss', unmarked)
+    try:
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    ms = triton.testing.do_bench(step, warmup=200, rep=2000, return_mode='median')
-    return ms, torch.cuda.max_memory_allocated() / 2**30, model
+        torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as profile:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    finally:
+        swat.chunked_cross_entropy = unmarked
+    split = dict.fromkeys(SPLIT, 0.0)
+    for event in profile.events():
+        for launched in event.kernels:
+            split[kernel_kind(event, launched.name)] += launched.duration / steps / 1e3
+    return split
 
 
 def training_throughput():
+    n_layer, n_head, n_embd = map(int, train_shape.split(','))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
-          f"\ntraining steps of a 12-layer, 12-head, 768-wide model, {train_tokens} tokens per "
-          f"step, torch.compile ({train_compile}), bfloat16 autocast, fused AdamW, loss tail "
-          f"{'compiled' if fused_loss else 'eager'}\n")
+          f"\ntraining steps of a {n_layer}-layer, {n_head}-head, {n_embd}-wide model, "
+          f"{train_tokens} tokens per step, torch.compile ({train_compile}), bfloat16 autocast, "
+          f"fused AdamW, loss tail {'compiled' if fused_loss else 'eager'}, "
+          f"{'each step one CUDA graph' if train_graph else 'eager steps'}\n")
     header = (f"{'T':>6} {'B':>3} | {'attention':<26} | {'ms/step':>8} | {'tokens/s':>10} | "
               f"{'MFU':>6} | {'peak GiB':>8} | {'tokens/s vs full':>16}")
-    print(header)
-    print('-' * len(header))
+    rows, splits = [], []
     for T in map(int, filter(None, train_lengths.split(','))):
         B = train_tokens // T
-        shape = dict(n_layer=12, n_head=12, n_embd=768, block_size=T, dropout=0.0)
+        shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=T, dropout=0.0)
         peers = [(f"swat, w={train_window}", SWATConfig(window=train_window, **shape)),
                  ("full causal softmax (SDPA)",
                   SWATConfig(attn='softmax', alibi='none', window=T, **shape))]
-        rows = []
         for name, config in peers:
             torch._dynamo.reset()           # a fresh compile for each model
-            ms, peak_gib, model = training_step_ms(config, B)
+            step, eager_step, model = training_step(config, B)
+            for _ in range(3):              # compile, autotune, record, settle the allocator
+                step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            ms = triton.testing.do_bench(step, warmup=200, rep=2000, return_mode='median')
+            peak_gib = torch.cuda.max_memory_allocated() / 2**30
             tokens_per_second = train_tokens / ms * 1e3
             mfu = model.estimate_mfu(tokens_per_second, T, 'cuda')
-            rows.append((name, ms, tokens_per_second, mfu, peak_gib))
-            del model
+            rows.append((T, B, name, ms, tokens_per_second, mfu, peak_gib))
+            if train_profile:
+                eager_ms = triton.testing.do_bench(eager_step, warmup=200, rep=2000,
+                                                   return_mode='median')
+                splits.append((T, name, ms, eager_ms, step_split(eager_step)))
+            del step, eager_step, model
             torch.cuda.empty_cache()
-        full_tokens_per_second = rows[-1][2]
-        for name, ms, tokens_per_second, mfu, peak_gib in rows:
-            mfu = '-' if mfu is None else f"{100 * mfu:5.1f}%"
-            print(f"{T:>6} {B:>3} | {name:<26} | {ms:8.1f} | {tokens_per_second:10,.0f} | "
-                  f"{mfu:>6} | {peak_gib:8.1f} | {tokens_per_second / full_tokens_per_second:15.2f}x")
+    print(header)
+    print('-' * len(header))
+    for T, B, name, ms, tokens_per_second, mfu, peak_gib in rows:
+        full = next(r[4] for r in rows if r[0] == T and r[2].startswith('full'))
+        mfu = '-' if mfu is None else f"{100 * mfu:5.1f}%"
+        print(f"{T:>6} {B:>3} | {name:<26} | {ms:8.1f} | {tokens_per_second:10,.0f} | "
+              f"{mfu:>6} | {peak_gib:8.1f} | {tokens_per_second / full:15.2f}x")
+    if splits:
+        print("\nwhere a step's GPU time goes (ms, profiler, the eager step's kernels); idle: "
+              "the step's time above less its kernels'; eager: the step with every kernel "
+              "launched from Python")
+        header = (f"{'T':>6} | {'attention':<26} | " + " | ".join(f"{p:>9}" for p in SPLIT) +
+                  f" | {'kernels':>8} | {'idle':>6} | {'eager ms':>8}")
+        print(header)
+        print('-' * len(header))
+        for T, name, ms, eager_ms, split in splits:
+            busy = sum(split.values())
+            print(f"{T:>6} | {name:<26} | " + " | ".join(f"{split[p]:9.2f}" for p in SPLIT) +
+                  f" | {busy:8.2f} | {ms - busy:6.2f} | {eager_ms:8.2f}")
 
 
 def full_logits_loss(x, weight, targets):

@@ -409,6 +409,16 @@ def compiled(function):
     return torch.compile(function)
 
 
+def add_product_(total, a, b):
+    """total += a @ b, for total in float32. On a GPU with 16-bit a, the matmul adds its float32
+    sums into total itself: no 16-bit product rounded, written out, read back and converted."""
+    if total.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast('cuda', enabled=False):     # autocast would round total to 16 bits
+            torch.addmm(total, a, b.to(a.dtype), out_dtype=torch.float32, out=total)
+    else:
+        total += (a @ b).float()
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
@@ -425,7 +435,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             chunk_loss, grad = loss_and_grad(logits, targets[rows], weights[rows])
             loss += chunk_loss
             grad_x[rows] = grad @ weight.to(x.dtype)
-            grad_weight += (grad.t() @ x[rows]).float()
+            add_product_(grad_weight, grad.t(), x[rows])     # grad_weight += grad.t() @ x[rows]
         ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
         return loss
 
@@ -752,29 +762,35 @@ def sample(logits, temperature, top_k):
 
 
 class CUDAGraphStep:
-    """step(token) -> next token, run eagerly the first time, then recorded as a CUDA graph and
-    replayed. step may only read and write tensors that stay in place (the KV cache does)."""
+    """step(*inputs) -> a tensor, run eagerly the first time, then recorded as a CUDA graph and
+    replayed: one launch instead of hundreds of small kernels, each queued by Python. step may
+    only read and write tensors that stay in place (the KV cache, a model's weights and its
+    optimizer's state do); its inputs are copied into the recorded ones at every call. For a
+    decode step (generate_tokens) and a whole training step (train.py)."""
 
     def __init__(self, step):
         self.step, self.graph = step, None
 
-    def __call__(self, token):
+    def __call__(self, *inputs):
         if self.graph is not None:
-            self.token.copy_(token)
+            for recorded, x in zip(self.inputs, inputs):
+                recorded.copy_(x)
             self.graph.replay()
-            return self.next_token.clone()
-        # The first step runs for real on a side stream: a graph must be recorded after one
-        # ordinary run (lazy initialisation, cuBLAS workspaces), and off the default stream.
+            return self.output.clone()
+        # The first step runs for real, on a side stream: a graph must be recorded after one
+        # ordinary run (lazy initialisation, compilation, autotuning, cuBLAS workspaces, an
+        # optimizer's first state), and off the default stream; autograd's backward runs on the
+        # stream of its forward, so the run and the recording share that side stream.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            next_token = self.step(token)
+            output = self.step(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         # Recording runs nothing: the kernels of one step, on these buffers, are only noted down.
         # Autocast's cache of cast weights would live outside the graph: turn it off here.
-        self.token, self.graph = token.clone(), torch.cuda.CUDAGraph()
+        self.inputs, self.graph = [x.clone() for x in inputs], torch.cuda.CUDAGraph()
         with torch.autocast('cuda', enabled=torch.is_autocast_enabled('cuda'),
                             dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False):
-            with torch.cuda.graph(self.graph):
-                self.next_token = self.step(self.token)
-        return next_token
+            with torch.cuda.graph(self.graph, stream=side):
+                self.output = self.step(*self.inputs)
+        return output

@@ -459,6 +459,32 @@ def test_fused_loss_is_the_plain_loss():
         assert relative_error(got, want) < 1e-6
 
 
+@slow
+@needs_gpu
+def test_the_loss_in_bfloat16_is_as_close_as_the_full_logits():
+    """Under bfloat16 autocast (training on a GPU) the chunked loss's gradients are as close to
+    the float64 truth as those of F.cross_entropy on the full bfloat16 logits: the output
+    weight's gradient, a sum over every chunk, is added up in float32, not chunk by chunk in
+    16 bits."""
+    torch.manual_seed(0)
+    x = torch.randn(8192, 384, device='cuda')
+    weight = torch.randn(4096, 384, device='cuda') * 0.05
+    targets = torch.randint(0, 4096, (8192,), device='cuda')
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    truth = torch.autograd.grad(F.cross_entropy(x64 @ w64.t(), targets), (x64, w64))
+    errors = {}
+    for name, loss_of in (('full', lambda x, w: F.cross_entropy((x @ w.t()).float(), targets)),
+                          ('chunked', lambda x, w: swat.chunked_cross_entropy(x, w, targets,
+                                                                              chunk_size=256))):
+        x_, weight_ = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            loss = loss_of(x_, weight_)
+        got = torch.autograd.grad(loss, (x_, weight_))
+        errors[name] = [relative_error(g, w) for g, w in zip(got, truth)]
+    for full, chunked in zip(errors['full'], errors['chunked']):
+        assert chunked < 1.5 * full, errors
+
+
 @pytest.mark.usefixtures('reference_attention')
 def test_model_loss_is_the_loss_of_its_logits():
     """SWAT.forward's loss is the cross-entropy of lm_head(hidden_states), the logits it never
@@ -1653,6 +1679,29 @@ def test_resume_equals_an_uninterrupted_run(shakespeare, tmp_path):
     assert a['rng_states'][0]['torch'].equal(b['rng_states'][0]['torch'])
 
 
+@needs_gpu
+@slow
+def test_the_recorded_training_step_is_the_eager_step(shakespeare, tmp_path):
+    """train.py with its step recorded as a CUDA graph and replayed trains as the eager step
+    does: the same losses and weights, with the learning rate changing every step (warmup, then
+    decay) and gradient clipping. A graph that replayed stale inputs or learning rates, added up
+    its gradients, or reset the optimizer's state would be far off."""
+    args = [*TINY, '--device=cuda', '--max_iters=12', '--log_interval=3', '--eval_interval=6',
+            '--always_save_checkpoint=True', '--warmup_iters=4', '--lr_decay_iters=12',
+            '--learning_rate=1e-2', '--grad_clip=0.5']
+    logs, checkpoints = [], []
+    for graph in (True, False):
+        out_dir = tmp_path / f'graph-{graph}'
+        proc = run('train.py', *args, f'--cuda_graph={graph}', f'--out_dir={out_dir}')
+        logs.append(re.findall(r'iter (\d+): loss ([\d.]+)', proc.stdout))
+        checkpoints.append(load_ckpt(out_dir))
+    assert len(logs[0]) == 4 and [i for i, _ in logs[0]] == [i for i, _ in logs[1]]
+    for (_, a), (_, b) in zip(*logs):
+        assert abs(float(a) - float(b)) < 1e-4
+    for name, weight in checkpoints[1]['model'].items():
+        torch.testing.assert_close(checkpoints[0]['model'][name], weight, atol=1e-4, rtol=1e-3)
+
+
 @slow
 def test_ddp_two_processes_equal_one(shakespeare, tmp_path):
     """torchrun with 2 processes and no --gradient_accumulation_steps (the default 1 is rounded
@@ -2117,7 +2166,8 @@ def test_recipe_passes_the_checks(recipe, monkeypatch):
         assert settings['gradient_accumulation_steps'] % 8 == 0
     if os.path.basename(recipe) == 'train_shakespeare.py':     # the defaults, written out
         assert {k: v for k, v in defaults.items() if k in assigned} == assigned
-        missing = set(defaults) - set(assigned) - {'device', 'dtype', 'compile', 'backend'}
+        missing = set(defaults) - set(assigned) - {'device', 'dtype', 'compile', 'cuda_graph',
+                                                    'backend'}
         assert not missing, f"train.py settings not written out: {missing}"
 
 

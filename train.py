@@ -40,11 +40,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_overrides
 from runtime import setup_device_and_precision
-from swat import SWAT, SWATConfig
+from swat import SWAT, CUDAGraphStep, SWATConfig
 from training import (StopFlag, changed_settings, check_mask_file, check_out_dir, check_settings,
                       check_token_file, get_batch, get_lr, load_for_resume, merge_model_args,
                       micro_batches_per_process, non_finite, out_of_memory_advice,
-                      prepare_dataset, restore_rng_state, rng_state, save_checkpoint_file)
+                      prepare_dataset, prepare_optimizer, restore_rng_state, rng_state,
+                      save_checkpoint_file, set_learning_rate)
 
 # -----------------------------------------------------------------------------
 # default settings: a small SWAT on Shakespeare
@@ -91,6 +92,8 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
                             # of the matmuls: 'float32', 'bfloat16', 'float16' (loss-scaled)
 compile = torch.cuda.is_available()  # torch.compile each block; on a CPU only when asked
+cuda_graph = torch.cuda.is_available()  # record the training step as a CUDA graph and replay it
+                            # (one GPU, gradient_accumulation_steps=1, not float16)
 seed = 1337                 # of the weights' initialisation, the batches and dropout
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
@@ -130,6 +133,8 @@ if device_type != 'cuda' and 'backend' not in overrides:
     backend = 'gloo'                        # NCCL only moves GPU tensors
 if device_type != 'cuda' and 'compile' not in overrides:
     compile = False                         # for a CPU it is slow to start and needs a C compiler
+if device_type != 'cuda' and 'cuda_graph' not in overrides:
+    cuda_graph = False
 config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint, for the record
 model_args = {f.name: config[f.name] for f in fields(SWATConfig) if f.name in config}
 # Each process takes the same share of a step's micro-batches: round the total up to allow that
@@ -235,6 +240,21 @@ if checkpoint is not None:
         torch.manual_seed(seed + rank + iter_num)
 checkpoint = None                           # free the memory
 
+# The training step as one CUDA graph. A step of a small model (the default one) is hundreds of
+# small kernels, each queued by Python, and the GPU waits for the queue more than it computes:
+# recorded once and replayed, the whole step (forward, backward, clipping, the optimizer) is one
+# launch. A graph holds a fixed set of kernels on fixed buffers, without the host deciding
+# anything in between: so one process (DDP talks to the others), one micro-batch, and no float16
+# (its GradScaler decides on the host whether to skip a step).
+graph_needs = {"a GPU": device_type == 'cuda', "one process (no DDP)": not ddp,
+               "gradient_accumulation_steps=1": micro_steps == 1,
+               "a dtype other than float16": dtype != 'float16'}
+unmet = [need for need, met in graph_needs.items() if not met]
+if cuda_graph and unmet:
+    log(f"cuda_graph: off, the step runs eagerly (a graph of it needs {', '.join(unmet)})")
+    cuda_graph = False
+prepare_optimizer(optimizer, cuda_graph, device)
+
 raw_model = model                           # the plain module, without the DDP wrapper
 if compile:
     # Per block, not one whole-model graph: 1.25x faster on an H100, for more memory (bench.py
@@ -246,25 +266,65 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
 
+def forward_backward(X, Y, sync=True):
+    """The loss of the micro-batch X, Y over micro_steps (a tensor: reading it would wait for
+    the GPU), with its gradients added to the parameters'. DDP averages the gradients across
+    ranks during backward; once per step is enough, so sync=False skips it (no_sync)."""
+    with model.no_sync() if ddp and not sync else nullcontext():
+        with ctx:
+            _, loss = model(X, Y)
+            loss = loss / micro_steps       # the mean over this process's micro-batches
+        scaler.scale(loss).backward()
+    return loss.detach().float()
+
+
+def update():
+    """Clip the step's gradient, take the optimizer's step, free the gradients' memory."""
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)          # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def whole_step(X, Y):
+    """A step of one micro-batch, the one a CUDA graph records."""
+    loss = forward_backward(X, Y)
+    update()
+    return loss
+
+
+@torch.no_grad()
+def batch_loss(X, Y):
+    """The loss of one batch, in the mode the model is in (estimate_loss: eval), no gradients;
+    no DDP wrapper: the ranks evaluate unequal shares."""
+    with ctx:
+        _, loss = (model.module if ddp else model)(X, Y)
+    return loss.float()
+
+
+# the training step and the evaluation's forward, each recorded as a graph at its first call
+graphed_step = CUDAGraphStep(whole_step) if cuda_graph else None
+eval_batch_loss = CUDAGraphStep(batch_loss) if cuda_graph else batch_loss
+
+
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over the same eval_iters batches of each split every time (so evaluations are
     comparable); the ranks share them out and add up their sums."""
     out = {}
-    eval_model = model.module if ddp else model  # no DDP wrapper: the ranks do unequal shares
-    eval_model.eval()                       # no dropout while measuring
+    raw_model.eval()                        # no dropout while measuring
     for split in ('train', 'val'):
         total = torch.zeros((), device=device)
         for k in range(rank, eval_iters, world_size):
             X, Y = get_batch(data_dir, split, ('eval', k), seed, block_size, batch_size,
                              device=device, example_length=example_length)
-            with ctx:
-                _, loss = eval_model(X, Y)
-            total += loss.float()
+            total += eval_batch_loss(X, Y)
         if ddp:
             dist.all_reduce(total)
         out[split] = total.item() / eval_iters
-    eval_model.train()
+    raw_model.train()
     return out
 
 
@@ -339,35 +399,25 @@ while True:
 
     # set the learning rate of this step
     lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
-    for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+    set_learning_rate(optimizer, lr)
 
     # forward and backward over this process's micro-batches: the gradients add up, so the step
-    # sees a batch of gradient_accumulation_steps * batch_size sequences over all processes
+    # sees a batch of gradient_accumulation_steps * batch_size sequences over all processes;
+    # each next micro-batch (this step's or the next's) is read while the GPU works
     try:
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(micro_steps):
-            # DDP averages the gradients across ranks during backward; once per step is enough,
-            # so skip it (no_sync) on all micro-steps but the last
-            last = micro_step == micro_steps - 1
-            with model.no_sync() if ddp and not last else nullcontext():
-                with ctx:
-                    logits, loss = model(X, Y)
-                    loss = loss / micro_steps   # the mean over this process's micro-batches
-                # fetch the next micro-batch while the GPU works (this step's or the next's)
-                next_step, next_micro = (iter_num + 1, 0) if last else (iter_num, micro_step + 1)
-                X, Y = train_batch(next_step, next_micro)
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
-        if grad_clip != 0.0:
-            scaler.unscale_(optimizer)      # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        if cuda_graph:
+            loss_sum = graphed_step(X, Y)
+            X, Y = train_batch(iter_num + 1, 0)
+        else:
+            loss_sum = torch.zeros((), device=device)
+            for micro_step in range(micro_steps):
+                last = micro_step == micro_steps - 1
+                loss_sum += forward_backward(X, Y, sync=last)
+                X, Y = train_batch(*((iter_num + 1, 0) if last else (iter_num, micro_step + 1)))
+            update()
     except torch.cuda.OutOfMemoryError:
         fail(f"out of GPU memory at iter {iter_num}: "
              f"{out_of_memory_advice(batch_size, block_size, gradient_accumulation_steps)}")
-    optimizer.zero_grad(set_to_none=True)   # free the gradients' memory right away
     iter_num += 1
 
     # Every log_interval steps, and only then, wait for the GPU and take the decisions all ranks

@@ -18,6 +18,7 @@ import runpy
 import signal
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -223,6 +224,28 @@ def check_mask_file(token_path, n_tokens, block_size, example_length=0, chunk=1 
                          f"sequence of block_size={block_size} may score none (a NaN loss): "
                          f"score more tokens, pass a larger --block_size, or read a corpus "
                          f"of examples whole (--example_length)")
+
+
+def prepare_optimizer(optimizer, cuda_graph, device):
+    """Ready optimizer for a CUDA graph that records its step (cuda_graph=True), or for eager
+    steps. A recorded step reads the learning rate from a tensor on the GPU, which
+    set_learning_rate overwrites before each replay; and the recording checks the flag
+    `capturable`, which changes nothing of what fused AdamW computes (so its warning about steps
+    run outside a graph does not apply). A checkpoint's optimizer state may hold either form."""
+    for group in optimizer.param_groups:
+        lr = float(group['lr'])
+        group['lr'] = torch.tensor(lr, device=device) if cuda_graph else lr
+        group['capturable'] = cuda_graph
+    if cuda_graph:
+        warnings.filterwarnings('ignore', message='This instance was constructed with capturable')
+
+
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:
+        if isinstance(group['lr'], torch.Tensor):
+            group['lr'].fill_(lr)           # in place: where a recorded step reads it
+        else:
+            group['lr'] = lr
 
 
 def get_batch(data_dir, split, key, seed, block_size, batch_size, micro_step=0, micro_batches=1,

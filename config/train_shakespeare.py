@@ -3,8 +3,8 @@
 #
 #   python train.py config/train_shakespeare.py      # the same as python train.py
 #
-# Every setting but the machine's (device, dtype, compile, backend) at its default: a copy to
-# edit. See train.py for what each one does.
+# Every setting but the machine's (device, dtype, compile, cuda_graph, backend) at its default:
+# a copy to edit. See train.py for what each one does.
 
 # I/O
 out_dir = 'out'
