@@ -132,17 +132,18 @@ def apply_rope(x, cos, sin):
 
 
 # -----------------------------------------------------------------------------
-# The KV cache for generation. The next query sees itself and the w - 1 tokens before it, and
-# no token older than that can ever be seen again. So each layer keeps the keys and values of
-# the last w - 1 tokens in a ring of w - 1 slots, and the newest token's key overwrites the
-# oldest one, in place. The cache never changes size: the millionth token costs what the
-# hundredth did, in time and memory, and the decode step, always the same shapes on the same
-# buffers, can be recorded once as a CUDA graph and replayed (see generate_tokens).
+# The KV cache for generation. A query sees itself and the w - 1 tokens before it, and no token
+# older than that can ever be seen again. So each layer keeps the keys and values of the last w
+# tokens in a ring of w slots: the newest token's key and value are written first, over the one
+# token that it can no longer see, and the query then reads every slot. The cache never changes
+# size: the millionth token costs what the hundredth did, in time and memory, and the decode
+# step, always the same shapes on the same buffers, can be recorded once as a CUDA graph and
+# replayed (see generate_tokens).
 #
-#     slot:     0 .. s-1   s                                  s+w-2
-#             [ sinks  ] [ t-3 | t-2 | t-1 | t-6 | t-5 | t-4 ]        w = 7, query: token t
-#                                            ^ once t is read, its key and value go here,
-#                                              over t-6: the one token t+1 can no longer see
+#     slot:     0 .. s-1   s                                  s+w-1
+#             [ sinks  ] [ t-3 | t-2 | t-1 |  t  | t-6 | t-5 | t-4 ]   w = 7, query: token t
+#                                            ^ token t is written here, over t-7: the one
+#                                              token it can no longer see
 #
 # The keys are stored before RoPE, with the position of their token. RoPE and ALiBi only ever
 # see distances: at each step the query stays unrotated (distance 0) and each key is rotated
@@ -152,18 +153,16 @@ def apply_rope(x, cos, sin):
 #
 # Sinks (StreamingLLM, for the softmax baseline): the first s tokens stay in slots 0 .. s-1
 # forever, and count as if they sat just before the window: a query at position p sees sink j
-# at the distance min(p, s + w - 1) - j. With window 1 the ring keeps one slot that is never
-# visible (its token is at distance 1), so that no shape is ever empty.
+# at the distance min(p, s + w - 1) - j.
 
 class KVCache:
     """Every layer's keys (before RoPE) and values, (n_layer, B, H, S, D) each, in S =
-    sink_tokens + window - 1 slots; the position of the token in each slot (-1: empty) and
-    of the next token to be read."""
+    sink_tokens + window slots; the position of the token in each slot (-1: empty) and of the
+    next token to be read."""
 
     def __init__(self, config, batch_size, sink_tokens, device, dtype):
         check_sink_tokens(sink_tokens)
-        self.window, self.sinks = config.window, sink_tokens
-        self.ring = max(config.window - 1, 1)
+        self.window, self.sinks, self.ring = config.window, sink_tokens, config.window
         H, D = config.n_head, config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, H, sink_tokens + self.ring, D)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -180,11 +179,11 @@ class KVCache:
         return torch.where(position < self.sinks, position, ring_slot)
 
     def fill(self, layer, k, v):
-        """Keep of a prompt's k, v (B, H, T, D) what later tokens can see: the sinks and the
+        """Keep of a prompt's k, v (B, H, T, D) what the next token can see: the sinks and the
         last w - 1 tokens. Every layer calls it; the last one sets the positions."""
         T = k.size(2)
-        kept = torch.tensor([p for p in range(T) if p < self.sinks or p >= T - self.ring],
-                            device=k.device)
+        kept = torch.tensor([p for p in range(T) if p < self.sinks or p > T - self.ring],
+                            dtype=torch.long, device=k.device)
         slots = self.slot(kept)
         self.k[layer][:, :, slots] = k[:, :, kept].to(self.k.dtype)
         self.v[layer][:, :, slots] = v[:, :, kept].to(self.v.dtype)
@@ -192,27 +191,27 @@ class KVCache:
             self.slot_position[slots] = kept
             self.position.fill_(T)
 
-    def distances(self):
-        """For the query of the next token: the distance back to the token of each slot, and to
-        itself (0, last), (S + 1,); and which of them it sees: filled slots inside the window,
-        the sinks always."""
+    def next_token(self):
+        """Make room for the token at self.position: its slot now holds it. Return, for its
+        query, the distance back to the token of each slot and which slots it sees (filled
+        ones: the ring holds the last w tokens, all inside the window), (S,) each, and the
+        rotation that takes each slot's key back by its distance, (cos, -sin), (S, D) each
+        (None without RoPE): one table for every layer."""
         p = self.position
-        sink_distance = p.clamp(max=self.sinks + self.window - 1) - self.slot_position[:self.sinks]
-        ring_distance = p - self.slot_position[self.sinks:]
-        distance = torch.cat([sink_distance, ring_distance, p.view(1) * 0])
-        visible = torch.cat([self.slot_position >= 0, p.view(1) >= 0])
-        visible[self.sinks:-1] &= ring_distance < self.window
-        return distance, visible
+        self.next_slot = self.slot(p).view(1)
+        self.slot_position.index_copy_(0, self.next_slot, p.view(1))
+        distance = torch.cat([p.clamp(max=self.sinks + self.window - 1)
+                              - self.slot_position[:self.sinks], p - self.slot_position[self.sinks:]])
+        visible = self.slot_position >= 0
+        if self.rope is None:
+            return distance, visible, None
+        at = distance.clamp(max=len(self.rope[0]) - 1)    # (empty slots: any angle, unseen)
+        return distance, visible, (self.rope[0][at], -self.rope[1][at])
 
-    def append(self, layer, k, v):
-        """Write the newest token's k, v (B, H, 1, D) into its slot, over the oldest token.
-        Every layer calls it; the last one moves the position on."""
-        slot = self.slot(self.position).view(1)
-        self.k[layer].index_copy_(2, slot, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, slot, v.to(self.v.dtype))
-        if layer == len(self.k) - 1:
-            self.slot_position.index_copy_(0, slot, self.position.view(1))
-            self.position += 1
+    def write(self, layer, k, v):
+        """Write the newest token's k, v (B, H, 1, D) into its slot (see next_token)."""
+        self.k[layer].index_copy_(2, self.next_slot, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.next_slot, v.to(self.v.dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -312,24 +311,23 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def decode(self, x, cache, layer, distance, visible):
-        """The attention of one new token per row, x (B, 1, C), to itself and to the cache's
-        layer, written out as Eq. 5: distance and visible (S + 1,) come from cache.distances()."""
+    def decode(self, x, cache, layer, distance, visible, back_rotation):
+        """The attention of one new token per row, x (B, 1, C), to the cache's layer, itself
+        included, written out as Eq. 5: distance, visible and back_rotation come from
+        cache.next_token()."""
         B, _, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, 1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        keys = torch.cat([cache.k[layer], k.to(cache.k.dtype)], dim=2)       # (B, H, S + 1, D)
-        values = torch.cat([cache.v[layer], v.to(cache.v.dtype)], dim=2)
-        if cache.rope is not None:          # rotate each key back by its distance to the query
-            at = distance.clamp(max=len(cache.rope[0]) - 1)    # (empty slots: any angle, unseen)
-            keys = apply_rope(keys, cache.rope[0][at], -cache.rope[1][at])
+        cache.write(layer, k, v)
+        keys, values = cache.k[layer], cache.v[layer]                       # (B, H, S, D)
+        if back_rotation is not None:       # rotate each key back by its distance to the query
+            keys = apply_rope(keys, *back_rotation)
         scale = q.size(-1) ** -0.5
-        logits = scale * (q @ keys.transpose(-2, -1)).float()               # (B, H, 1, S + 1)
+        logits = scale * (q @ keys.transpose(-2, -1)).float()               # (B, H, 1, S)
         bias = self.slopes.float()[:, None] * distance                      # s_h * (m - n)
         logits = logits + bias.masked_fill(~visible, float('-inf'))[:, None, :]
         weights = torch.sigmoid(logits) if self.kind == 'sigmoid' else F.softmax(logits, dim=-1)
         y = weights.to(values.dtype) @ values                               # (B, H, 1, D)
-        cache.append(layer, k, v)
         y = y.transpose(1, 2).reshape(B, 1, C)
         return self.resid_dropout(self.c_proj(y.to(x.dtype)))
 
@@ -360,8 +358,8 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return x
 
-    def decode(self, x, cache, layer, distance, visible):
-        x = x + self.attn.decode(self.ln_1(x), cache, layer, distance, visible)
+    def decode(self, x, cache, layer, distance, visible, back_rotation):
+        x = x + self.attn.decode(self.ln_1(x), cache, layer, distance, visible, back_rotation)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -690,10 +688,11 @@ class SWAT(nn.Module):
     def decode(self, token, cache):
         """Read one token per row, token (B, 1), at the cache's position; return the logits of
         the next one (B, V). The same shapes and buffers every time: see generate_tokens."""
-        distance, visible = cache.distances()           # one table for every layer
+        view = cache.next_token()                       # one table for every layer
         x = self.transformer.drop(self.transformer.wte(token))        # (B, 1, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block.decode(x, cache, layer, distance, visible)
+            x = block.decode(x, cache, layer, *view)
+        cache.position += 1
         return self.lm_head(self.transformer.ln_f(x))[:, -1]
 
     @torch.no_grad()
@@ -749,8 +748,9 @@ def sample(logits, temperature, top_k):
     if temperature == 0:                                # the limit of ever lower temperatures
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float()
-    if top_k is not None:
-        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+    if top_k is not None:           # the k largest, unsorted: a selection, no sort of all V
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1)), sorted=False).values.amin(
+            dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < kth_largest, float('-inf'))
     gumbel = -torch.log(-torch.log(torch.rand_like(logits)))
     # argmax(logits / T + gumbel) is argmax(logits + T * gumbel): scale by whichever of 1 / T and

@@ -744,7 +744,7 @@ def test_generation_is_the_full_forward(attn, sinks):
 def test_prompts_of_any_length_fill_the_ring(prompt_length):
     """Prompts shorter than, as long as and longer than the window (8), and longer than
     block_size (32): the next token's logits after prefill + one decode step are the full
-    forward's. Window 1 (a ring slot that is never visible) too."""
+    forward's. Window 1 (a ring of one slot: the token itself) too."""
     torch.manual_seed(0)
     for window in (8, 1):
         model = SWAT(tiny_config(window=window)).to(DEVICE).eval()
@@ -798,7 +798,7 @@ def test_sink_tokens_change_nothing_until_the_window_leaves_them():
 
 @pytest.mark.usefixtures('reference_attention')
 def test_the_cache_never_moves_or_grows():
-    """The cache is sink_tokens + window - 1 slots from the first step on, and stays the same
+    """The cache is sink_tokens + window slots from the first step on, and stays the same
     storage: the decode step's shapes and buffers never change (what a CUDA graph needs)."""
     torch.manual_seed(0)
     s, w = 2, 8
@@ -807,7 +807,7 @@ def test_the_cache_never_moves_or_grows():
     cache = model.new_cache(3, s)
     buffers = [cache.k, cache.v, cache.slot_position, cache.position]
     where = [(x.data_ptr(), x.shape) for x in buffers]
-    assert cache.k.shape == (2, 3, H, s + w - 1, D)
+    assert cache.k.shape == (2, 3, H, s + w, D)
     token = torch.randint(0, 101, (3, 1), device=DEVICE)
     with torch.no_grad():
         model.prefill(torch.randint(0, 101, (3, 5), device=DEVICE), cache)
@@ -2385,7 +2385,7 @@ def test_eval_prints_a_finite_table(trained, capsys):
     assert 'L=65536: skipped' in out
 
 
-@pytest.mark.usefixtures('script_state')
+@pytest.mark.usefixtures('script_state', 'shakespeare')
 def test_eval_sink_tokens_on_a_softmax_checkpoint(softmax_checkpoint, capsys):
     # --sink_tokens applies to every checkpoint; `:sinks=0` turns it off for one of them
     eval_script.main([f'--checkpoints={softmax_checkpoint},{softmax_checkpoint}:sinks=0',
