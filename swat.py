@@ -443,9 +443,17 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_x * grad_loss, grad_weight * grad_loss, None, None
 
 
-def chunked_cross_entropy(x, weight, targets, chunk_size=1024):
+def chunked_cross_entropy(x, weight, targets, chunk_size=1024, max_targets=None):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1), exactly, values and gradients,
-    holding the logits of chunk_size rows at a time. x (N, C), weight (V, C), targets (N,)."""
+    holding the logits of chunk_size rows at a time. x (N, C), weight (V, C), targets (N,).
+
+    max_targets: a bound the caller knows, that at most this many targets are scored (not -1),
+    e.g. from the data's loss mask (train.py). Only that many rows then go through the output
+    layer: the scored ones, moved first by a stable sort. A row without a target costs no logits,
+    and the shapes stay fixed, as a CUDA graph needs. A bound that does not hold drops targets."""
+    if max_targets is not None and max_targets < x.size(0):
+        rows = torch.argsort(targets == -1, stable=True)[:max_targets]     # the scored first
+        x, targets = x[rows], targets[rows]
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(x, weight, targets, chunk_size)
     # Evaluation: no gradients to keep, so in float32 one buffer takes every chunk's logits in
@@ -593,18 +601,23 @@ class SWAT(nn.Module):
         peak = peak_bf16_flops(device)
         return None if peak is None else self.flops_per_token(T) * tokens_per_second / peak
 
-    def forward(self, idx, targets=None, sink_tokens=0):
+    def forward(self, idx, targets=None, sink_tokens=0, max_targets=None):
         """For the tokens idx (B, T): (logits (B, 1, V) of the last position, None) without
         targets, as nanoGPT does at inference; (None, the mean loss over all positions) with
         targets (B, T), where a target of -1 is not scored. The loss never holds all the logits:
-        see chunked_cross_entropy; for the logits of every position, lm_head(hidden_states).
-        sink_tokens=k keeps the first k tokens in view too (StreamingLLM, see KVCache)."""
+        see chunked_cross_entropy, and its max_targets, a bound on the scored targets of the
+        batch; for the logits of every position, lm_head(hidden_states). sink_tokens=k keeps
+        the first k tokens in view too (StreamingLLM, see KVCache)."""
         x = self.hidden_states(idx, sink_tokens)                       # (B, T, C)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None           # (B, 1, V): the last position only
         self.check_ids(targets, targets=True, like=idx)
+        if max_targets is not None and not (is_int(max_targets) and max_targets >= 1):
+            raise ValueError(f"max_targets={max_targets!r} must be an integer >= 1, a bound on "
+                             f"the batch's scored targets, or None")
         C = x.size(-1)
-        return None, chunked_cross_entropy(x.reshape(-1, C), self.lm_head.weight, targets.view(-1))
+        return None, chunked_cross_entropy(x.reshape(-1, C), self.lm_head.weight, targets.view(-1),
+                                           max_targets=max_targets)
 
     def hidden_states(self, idx, sink_tokens=0, cache=None):
         """The last layer's output, normalised, for every position of idx (B, T): (B, T, C).

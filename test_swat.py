@@ -63,7 +63,7 @@ from recall import (FACT, KEY_BASE, MIN_DISTANCE, PRESETS, QUERY, TASKS, TRAININ
 from tokenizer import EOT, gpt2_tokenizer
 from training import (StopFlag, changed_settings, check_mask_file, check_out_dir, check_settings,
                       check_token_file, get_batch, get_lr, load_for_resume, mask_path,
-                      merge_model_args, micro_batches_per_process, non_finite,
+                      merge_model_args, micro_batches_per_process, most_scored_targets, non_finite,
                       out_of_memory_advice, prepare_dataset, restore_rng_state, rng_state,
                       save_checkpoint_file)
 
@@ -436,6 +436,38 @@ def test_chunked_cross_entropy_is_the_plain_loss(N, chunk_size, dtype):
         assert got.dtype == want.dtype and relative_error(got, want) < 1e-6
     with torch.no_grad():
         assert swat.chunked_cross_entropy(x, weight, targets, chunk_size).item() == \
+            pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize('bound', ['exact', 'loose'])
+def test_the_loss_builds_logits_for_the_scored_rows_alone(monkeypatch, bound):
+    """With max_targets, a bound on the scored targets, the loss and both gradients are still
+    those of F.cross_entropy on the full logits (in float32, as the loss computes them, to its
+    rounding), with and without gradients; and the output layer sees that many rows only, the
+    scored ones among them."""
+    monkeypatch.setattr(swat, 'FUSED_LOSS', False)     # the plain function, here to be watched
+    torch.manual_seed(0)
+    x = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(101, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.full((300,), -1)
+    targets[torch.randperm(300)[:37]] = torch.randint(0, 101, (37,))
+    max_targets = 37 if bound == 'exact' else 130
+    expected = F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-1)
+    grads = torch.autograd.grad(expected, (x, weight))
+    seen, plain = [], swat.chunk_loss_and_grad
+
+    def watched(logits, targets, weights):          # each chunk's targets, as the loss sees them
+        seen.append(targets)
+        return plain(logits, targets, weights)
+    monkeypatch.setattr(swat, 'chunk_loss_and_grad', watched)
+    loss = swat.chunked_cross_entropy(x, weight, targets, chunk_size=64, max_targets=max_targets)
+    rows = torch.cat(seen)
+    assert len(rows) == max_targets and (rows != -1).sum() == 37
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, (x, weight)), grads):
+        assert relative_error(got, want) < 1e-6
+    with torch.no_grad():
+        assert swat.chunked_cross_entropy(x, weight, targets, 64, max_targets).item() == \
             pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -1384,6 +1416,25 @@ def test_the_models_loss_scores_only_the_masked_targets(tmp_path):
             singles.append(model(x, only)[1])
     assert len(singles) < y.numel()
     assert torch.allclose(loss, torch.stack(singles).mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('example_length', [0, 20])
+@pytest.mark.parametrize('chunk', [7, 1 << 24])
+def test_most_scored_targets_is_the_most_of_any_sequence(tmp_path, example_length, chunk):
+    """The bound train.py gives the loss: the largest count of scored targets among every
+    sequence get_batch may read (any offset, or whole examples), by brute force; without a mask,
+    None (every target scored). Chunks of 7 bytes carry sequences across their edges."""
+    rng = np.random.default_rng(0)
+    block = 16
+    mask = (rng.random(400) < rng.random(400) ** 2).astype(np.uint8)   # dense and sparse runs
+    token_path = mask_file(tmp_path, mask)
+    if example_length:
+        starts = range(0, len(mask), example_length)
+    else:
+        starts = range(len(mask) - block)
+    expected = max(int(mask[i + 1:i + 1 + block].sum()) for i in starts)
+    assert most_scored_targets(token_path, block, example_length, chunk) == expected
+    assert most_scored_targets(str(tmp_path / 'val.bin'), block, example_length) is None
 
 
 def mask_file_accepted(*args, **kwargs):

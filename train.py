@@ -43,9 +43,9 @@ from runtime import setup_device_and_precision
 from swat import SWAT, CUDAGraphStep, SWATConfig
 from training import (StopFlag, changed_settings, check_mask_file, check_out_dir, check_settings,
                       check_token_file, get_batch, get_lr, load_for_resume, merge_model_args,
-                      micro_batches_per_process, non_finite, out_of_memory_advice,
-                      prepare_dataset, prepare_optimizer, restore_rng_state, rng_state,
-                      save_checkpoint_file, set_learning_rate)
+                      micro_batches_per_process, most_scored_targets, non_finite,
+                      out_of_memory_advice, prepare_dataset, prepare_optimizer, restore_rng_state,
+                      rng_state, save_checkpoint_file, set_learning_rate)
 
 # -----------------------------------------------------------------------------
 # default settings: a small SWAT on Shakespeare
@@ -198,6 +198,10 @@ try:
         check_mask_file(path, n_tokens, block_size, example_length)
 except SystemExit as e:
     fail(e.code)
+# With loss masks (data/recall scores the answers alone), a sequence scores at most `most` of its
+# block_size targets: the loss then builds the logits of that many rows a sequence, not all.
+most = [most_scored_targets(path, block_size, example_length) for path in bin_paths]
+max_targets = batch_size * max(most) if None not in most and max(most) < block_size else None
 model = SWAT(model_config)
 if checkpoint is not None:
     try:
@@ -220,6 +224,9 @@ if gradient_accumulation_steps != config['gradient_accumulation_steps']:
         f"{tokens_per_iter:,} tokens per iteration")
 log(f"tokens per iteration: {tokens_per_iter:,} ({world_size} process(es) x {micro_steps} "
     f"micro-batch(es) x {batch_size} sequences x {block_size} tokens)")
+if max_targets is not None:
+    log(f"the loss masks score at most {max(most)} of a sequence's {block_size} targets: the loss "
+        f"reads {max_targets} of a micro-batch's {batch_size * block_size} positions")
 
 # A GradScaler guards float16 gradients against underflow; for other dtypes it does nothing.
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -272,7 +279,7 @@ def forward_backward(X, Y, sync=True):
     ranks during backward; once per step is enough, so sync=False skips it (no_sync)."""
     with model.no_sync() if ddp and not sync else nullcontext():
         with ctx:
-            _, loss = model(X, Y)
+            _, loss = model(X, Y, max_targets=max_targets)
             loss = loss / micro_steps       # the mean over this process's micro-batches
         scaler.scale(loss).backward()
     return loss.detach().float()
@@ -300,7 +307,7 @@ def batch_loss(X, Y):
     """The loss of one batch, in the mode the model is in (estimate_loss: eval), no gradients;
     no DDP wrapper: the ranks evaluate unequal shares."""
     with ctx:
-        _, loss = (model.module if ddp else model)(X, Y)
+        _, loss = (model.module if ddp else model)(X, Y, max_targets=max_targets)
     return loss.float()
 
 

@@ -226,6 +226,30 @@ def check_mask_file(token_path, n_tokens, block_size, example_length=0, chunk=1 
                          f"of examples whole (--example_length)")
 
 
+def most_scored_targets(token_path, block_size, example_length=0, chunk=1 << 24):
+    """The most targets that one sequence get_batch may read from token_path scores, by its loss
+    mask (see get_batch); None without a mask, when every target is. A bound, for the loss to
+    build the logits of scored rows only (SWAT.forward's max_targets). One pass, in chunks."""
+    path = mask_path(token_path)
+    if not os.path.exists(path):
+        return None
+    mask = np.memmap(path, dtype=np.uint8, mode='r')
+    if example_length:                      # a sequence: positions 1 .. block_size of an example
+        step = max(1, chunk // example_length) * example_length
+        return max(int(mask[start:start + step].reshape(-1, example_length)[:, 1:block_size + 1]
+                       .sum(axis=1, dtype=np.int64).max()) for start in range(0, len(mask), step))
+    # at any offset: the targets of a sequence are any block_size bytes in a row of mask[1:];
+    # each chunk carries the last block_size - 1 bytes before it, for the runs across its start
+    most, carry = 0, mask[:0]
+    for start in range(1, len(mask), chunk):
+        part = np.concatenate([carry, mask[start:start + chunk]])
+        if len(part) >= block_size:
+            sums = np.concatenate([[0], np.cumsum(part, dtype=np.int64)])
+            most = max(most, int((sums[block_size:] - sums[:-block_size]).max()))
+        carry = part[max(0, len(part) - block_size + 1):]
+    return most
+
+
 def prepare_optimizer(optimizer, cuda_graph, device):
     """Ready optimizer for a CUDA graph that records its step (cuda_graph=True), or for eager
     steps. A recorded step reads the learning rate from a tensor on the GPU, which
