@@ -126,7 +126,7 @@ PRESETS = {
                       n_keys=256, n_values=256, n_pairs=16, train_examples=50_000,
                       val_examples=1_000, max_iters=1200, batch_size=32, learning_rate=1e-3,
                       warmup_iters=100, seeds=(1, 2, 3), points_per_band=4, eval_examples=200),
-    # a toy that runs every step on a CPU (8 minutes on 2 cores): its models learn nothing,
+    # a toy that runs every step on a CPU (2 minutes on 2 cores): its models learn nothing,
     # every accuracy is chance
     'tiny': Preset(n_layer=2, n_head=2, n_embd=32, window=8, block_size=64,
                    n_keys=32, n_values=32, n_pairs=4, train_examples=2_000, val_examples=200,
