@@ -39,9 +39,12 @@ The rows: full attention, softmax sliding-window attention (SWA), SWA read with 
 sinks (StreamingLLM; the same checkpoints), and SWAT with each ALiBi mode, every one trained with
 each of the preset's seeds. The output: per task, accuracy (mean +- std over the seeds) against
 distance as a markdown table (printed, and written next to the plot as .md) and a PNG with the
-window and the receptive field drawn in, both beside the checkpoints in out_root. --action=eval
-scores the trainings that have finished and says which have not; --action=train skips the
-finished ones and resumes the others. Stopping recall.py (Ctrl-C, SIGTERM) stops the trainings
+window and the receptive field drawn in, both beside the checkpoints in out_root. Each training
+is scored as soon as it finishes, into a scores.json beside its checkpoint (kilobytes): the
+result to keep. --action=eval makes the table from those files, scoring the finished trainings
+that have none yet, and says which have not finished; with the JSON files alone (copied from the
+machines that trained, on other days) it needs no checkpoint. --action=train skips the finished
+trainings and resumes the others. Stopping recall.py (Ctrl-C, SIGTERM) stops the trainings
 too, each after saving a checkpoint, and the same command continues them.
 
 RESULTS.md, section 6, says what has been run and timed: the step times of the default preset on
@@ -432,7 +435,9 @@ def run_trainings(p):
                 continue
             if steps > 0:
                 settings['init_from'] = 'resume'
-            todo.append(settings)
+            todo.append((name, seed, settings))
+    # each training is scored as soon as it ends: its scores.json is the result to keep
+    scorer = Scorer(p, band_distances(p.window, p.n_layer, p.max_distance, p.points_per_band))
     print(f"{len(todo)} trainings to run, {jobs} at a time")
     running = []
     # SIGTERM (from `timeout`, `kill` or a cluster) stops recall.py as Ctrl-C does: by raising
@@ -441,16 +446,16 @@ def run_trainings(p):
     try:
         while todo or running:
             while todo and len(running) < jobs:
-                settings = todo.pop(0)
+                name, seed, settings = todo.pop(0)
                 os.makedirs(settings['out_dir'], exist_ok=True)
                 log = open(os.path.join(settings['out_dir'], 'train.log'), 'a')
                 process = run_command(command('train.py', settings), stdout=log,
                                       stderr=subprocess.STDOUT)
-                running.append((process, settings['out_dir'], log, time.time()))
+                running.append((process, settings['out_dir'], log, time.time(), name, seed))
                 print(f"training {settings['out_dir']}")
             time.sleep(0.5)
             for entry in [r for r in running if r[0].poll() is not None]:
-                process, out_dir, log, t0 = entry
+                process, out_dir, log, t0, name, seed = entry
                 log.close()
                 running.remove(entry)
                 if process.returncode != 0:
@@ -458,6 +463,8 @@ def run_trainings(p):
                     raise SystemExit(f"training {out_dir} failed (exit {process.returncode}): "
                                      f"{last_line(log_path)} (the whole log: {log_path})")
                 print(f"  {out_dir} done in {time.time() - t0:.0f} s")
+                if trained_steps(out_dir) >= p.max_iters:
+                    scorer(name, seed)
     except KeyboardInterrupt:
         raise SystemExit("stopped: run the same command to continue the trainings from their "
                          "checkpoints") from None
@@ -468,7 +475,7 @@ def run_trainings(p):
                   f"log step")
         for process, *_ in running:
             process.terminate()                 # SIGTERM: train.py saves, then exits
-        for process, _, log, _ in running:
+        for process, _, log, *_ in running:
             process.wait()
             log.close()
 
@@ -485,38 +492,96 @@ def print_commands(p):
 # -----------------------------------------------------------------------------
 # The evaluation
 
+SCORES = 'scores.json'       # each finished training's accuracies, beside its checkpoint
+
+
+def evaluation_settings(p, distances):
+    """What a training's scores depend on besides its weights: a scores.json made with other
+    settings is stale."""
+    return dict(tasks=list(TASKS), distances=list(distances), eval_examples=p.eval_examples,
+                n_values=p.n_values, eval_seed=EVAL_SEED, max_iters=p.max_iters)
+
+
+def saved_scores(p, name, seed, distances):
+    """{label: {task: [accuracy at each distance]}} from the scores.json of training (name,
+    seed), if it holds this evaluation's and its checkpoint (if there) is the one scored; None
+    otherwise. With the JSON files alone (copied from the machines that trained), the table can
+    be made anywhere."""
+    path = os.path.join(checkpoint_dir(name, seed), SCORES)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    steps = trained_steps(checkpoint_dir(name, seed))
+    if saved.get('evaluation') != evaluation_settings(p, distances) or steps not in (
+            0, saved.get('iter_num')):
+        return None
+    return saved['scores']
+
+
+class Scorer:
+    """Scores finished trainings on the evaluation's examples, the same ones for every model
+    (made at the first use: they need the held-out plays), and writes each one's scores.json."""
+
+    def __init__(self, p, distances):
+        self.p, self.distances, self.examples = p, distances, None
+        _, self.ctx = setup_device_and_precision(device, dtype)
+
+    def __call__(self, name, seed):
+        """Score training (name, seed) in each of its readings: {label: {task: [accuracy at
+        each distance]}}, also written to its scores.json."""
+        p, distances = self.p, self.distances
+        if self.examples is None:
+            text = shakespeare_tokens('val')            # the held-out plays
+            self.examples = {(task, d): make_examples(task, np.random.default_rng(
+                [EVAL_SEED, i, d]), p.eval_examples, p, text, d)
+                for i, task in enumerate(TASKS) for d in distances}
+        t0 = time.time()
+        model, _ = load_model(checkpoint_dir(name, seed), 0, p.example_length, device)
+        scores = {}
+        for label, reading, sinks in READINGS:
+            if reading != name:
+                continue
+            predict = model_predictor(model, p.n_values, sinks)
+            scores[label] = {task: [] for task in TASKS}
+            for (task, d), (tokens, answers) in self.examples.items():
+                with self.ctx:
+                    correct, total = score(predict, tokens, answers, device)
+                scores[label][task].append(correct / total)
+            print(f"{label}, seed {seed}: " + ', '.join(
+                f"{task} {100 * np.mean(scores[label][task]):.1f}%" for task in TASKS)
+                + f" (mean over distances), {time.time() - t0:.1f} s")
+        saved = dict(evaluation=evaluation_settings(p, distances),
+                     iter_num=trained_steps(checkpoint_dir(name, seed)), scores=scores)
+        write_result(os.path.join(checkpoint_dir(name, seed), SCORES),
+                     lambda path: write_text(path, json.dumps(saved, indent=1)))
+        return scores
+
+
 def evaluate(p, distances):
     """accuracy[label][task]: an array (seeds, distances) of each reading's accuracies, over the
-    seeds whose training has finished (a reading with none is left out, and said so)."""
-    done = {(name, seed) for name in TRAININGS for seed in p.seeds
-            if trained_steps(checkpoint_dir(name, seed)) >= p.max_iters}
-    if not done:
+    seeds whose training has finished (a reading with none is left out, and said so): from each
+    training's scores.json where it holds this evaluation's, else scored now and written."""
+    scorer, found = Scorer(p, distances), {}
+    for name in TRAININGS:
+        for seed in p.seeds:
+            scores = saved_scores(p, name, seed, distances)
+            if scores is None and trained_steps(checkpoint_dir(name, seed)) >= p.max_iters:
+                scores = scorer(name, seed)
+            if scores is not None:
+                found[name, seed] = scores
+    if not found:
         raise SystemExit(f"no finished training in {out_root}: run python recall.py "
                          f"--preset={preset} --action=train first")
-    _, ctx = setup_device_and_precision(device, dtype)
-    text = shakespeare_tokens('val')            # the held-out plays
-    examples = {(task, d): make_examples(task, np.random.default_rng([EVAL_SEED, i, d]),
-                                         p.eval_examples, p, text, d)
-                for i, task in enumerate(TASKS) for d in distances}
     accuracy = {}
-    for label, name, sinks in READINGS:
-        seeds = [seed for seed in p.seeds if (name, seed) in done]
+    for label, name, _ in READINGS:
+        seeds = [seed for seed in p.seeds if (name, seed) in found]
         if len(seeds) < len(p.seeds):
             print(f"{label}: {len(seeds)} of {len(p.seeds)} trainings of {name} finished")
-        if not seeds:
-            continue
-        accuracy[label] = {task: np.zeros((len(seeds), len(distances))) for task in TASKS}
-        for s, seed in enumerate(seeds):
-            t0 = time.time()
-            model, _ = load_model(checkpoint_dir(name, seed), 0, p.example_length, device)
-            predict = model_predictor(model, p.n_values, sinks)
-            for (task, d), (tokens, answers) in examples.items():
-                with ctx:
-                    correct, total = score(predict, tokens, answers, device)
-                accuracy[label][task][s, distances.index(d)] = correct / total
-            print(f"{label}, seed {seed}: " + ', '.join(
-                f"{task} {100 * accuracy[label][task][s].mean():.1f}%" for task in TASKS)
-                + f" (mean over distances), {time.time() - t0:.1f} s")
+        if seeds:
+            accuracy[label] = {task: np.array([found[name, seed][label][task] for seed in seeds])
+                               for task in TASKS}
     return accuracy
 
 

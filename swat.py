@@ -200,8 +200,8 @@ class KVCache:
         p = self.position
         self.next_slot = self.slot(p).view(1)
         self.slot_position.index_copy_(0, self.next_slot, p.view(1))
-        distance = torch.cat([p.clamp(max=self.sinks + self.window - 1)
-                              - self.slot_position[:self.sinks], p - self.slot_position[self.sinks:]])
+        sink_distance = p.clamp(max=self.sinks + self.window - 1) - self.slot_position[:self.sinks]
+        distance = torch.cat([sink_distance, p - self.slot_position[self.sinks:]])
         visible = self.slot_position >= 0
         if self.rope is None:
             return distance, visible, None

@@ -3022,6 +3022,35 @@ def test_eval_of_untrained_checkpoints(recall_settings, tmp_path, capsys, monkey
     assert '| sigmoid, positive ALiBi |' not in table
 
 
+@slow
+def test_recall_keeps_each_trainings_scores_and_tables_them_alone(recall_settings, tmp_path,
+                                                                   capsys, monkeypatch):
+    """A finished training's scores go to a scores.json beside its checkpoint (kilobytes), and
+    --action=eval makes the same table from those files alone: the checkpoints gone, as on a
+    machine that got only the JSON files of trainings run elsewhere. The scores of another
+    evaluation (more examples) are not used."""
+    monkeypatch.setattr(kernel, 'INTERPRET', False)
+    monkeypatch.setitem(recall.PRESETS, 'tiny', dataclasses.replace(RECALL_TINY, eval_examples=4))
+    save_checkpoints(str(tmp_path), RECALL_TINY, ['vanilla', 'swa'])
+    args = ['--preset=tiny', '--action=eval', f'--out_root={tmp_path}', '--plot=',
+            '--device=cpu', '--dtype=float32']
+    recall.main(args)
+    first = capsys.readouterr().out
+    for name in ('vanilla', 'swa'):
+        path = tmp_path / f'{name}-s1' / recall.SCORES
+        saved = json.loads(path.read_text())
+        assert saved['iter_num'] == RECALL_TINY.max_iters and path.stat().st_size < 10_000
+        assert set(saved['scores']) == {label for label, reading, _ in recall.READINGS
+                                        if reading == name}
+        os.remove(tmp_path / f'{name}-s1' / 'ckpt.pt')
+    recall.main(args)
+    second = capsys.readouterr().out
+    assert ', seed 1:' in first and ', seed 1:' not in second      # nothing scored again
+    assert second[second.index('Accuracy in %'):] == first[first.index('Accuracy in %'):]
+    monkeypatch.setitem(recall.PRESETS, 'tiny', dataclasses.replace(RECALL_TINY, eval_examples=5))
+    assert 'no finished training' in exit_message(recall.main, args)
+
+
 class QuickClock:
     """recall.py's time, with sleeps of 10 ms: its loop sees the trainings end sooner."""
     time = staticmethod(time.time)
