@@ -701,10 +701,10 @@ class SWAT(nn.Module):
     def decode(self, token, cache):
         """Read one token per row, token (B, 1), at the cache's position; return the logits of
         the next one (B, V). The same shapes and buffers every time: see generate_tokens."""
-        view = cache.next_token()                       # one table for every layer
+        distance, visible, back_rotation = cache.next_token()   # one table for every layer
         x = self.transformer.drop(self.transformer.wte(token))        # (B, 1, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block.decode(x, cache, layer, *view)
+            x = block.decode(x, cache, layer, distance, visible, back_rotation)
         cache.position += 1
         return self.lm_head(self.transformer.ln_f(x))[:, -1]
 
