@@ -40,8 +40,10 @@ sinks (StreamingLLM; the same checkpoints), and SWAT with each ALiBi mode, every
 each of the preset's seeds. The output: per task, accuracy (mean +- std over the seeds) against
 distance as a markdown table (printed, and written next to the plot as .md) and a PNG with the
 window and the receptive field drawn in, both beside the checkpoints in out_root. Each training
-is scored as soon as it finishes, into a scores.json beside its checkpoint (kilobytes): the
-result to keep. --action=eval makes the table from those files, scoring the finished trainings
+runs on one learning-rate schedule to the last of the preset's score_steps and is scored at each
+of them on its way, into a scores.json beside its checkpoint (kilobytes): the result to keep. A
+second table gives each model's accuracy at those steps, and marks a model whose accuracy was
+still rising at the last: its row is not converged. --action=eval makes the table from those files, scoring the finished trainings
 that have none yet, and says which have not finished; with the JSON files alone (copied from the
 machines that trained, on other days) it needs no checkpoint. --action=train skips the finished
 trainings and resumes the others. Stopping recall.py (Ctrl-C, SIGTERM) stops the trainings
@@ -101,7 +103,7 @@ class Preset:
     train_examples: int         # examples in data/recall/train.bin (a mix of the tasks) ...
     val_examples: int           # ... and in val.bin (train.py's validation loss)
     # the trainings
-    max_iters: int
+    score_steps: tuple          # each training is scored at these steps, and ends at the last
     batch_size: int
     learning_rate: float
     warmup_iters: int
@@ -113,6 +115,10 @@ class Preset:
     @property
     def example_length(self):
         return self.block_size + 1
+
+    @property
+    def max_iters(self):
+        return self.score_steps[-1]
 
     @property
     def max_distance(self):
@@ -127,13 +133,15 @@ PRESETS = {
     # 4 layers of 256 (4 heads of 64), w = 64: receptive field 253 tokens; examples of 8 windows
     'default': Preset(n_layer=4, n_head=4, n_embd=256, window=64, block_size=512,
                       n_keys=256, n_values=256, n_pairs=16, train_examples=50_000,
-                      val_examples=1_000, max_iters=1200, batch_size=32, learning_rate=1e-3,
+                      val_examples=1_000, score_steps=(1200, 2400, 4800), batch_size=32,
+                      learning_rate=1e-3,
                       warmup_iters=100, seeds=(1, 2, 3), points_per_band=4, eval_examples=200),
-    # a toy that runs every step on a CPU (2 minutes on 2 cores): its models learn nothing,
+    # a toy that runs every step on a CPU (3 minutes on 2 cores): its models learn nothing,
     # every accuracy is chance
     'tiny': Preset(n_layer=2, n_head=2, n_embd=32, window=8, block_size=64,
                    n_keys=32, n_values=32, n_pairs=4, train_examples=2_000, val_examples=200,
-                   max_iters=200, batch_size=16, learning_rate=1e-3, warmup_iters=20,
+                   score_steps=(50, 100, 200), batch_size=16, learning_rate=1e-3,
+                   warmup_iters=20,
                    seeds=(1,), points_per_band=3, eval_examples=32),
 }
 # The fields that fix the data: data/recall/meta.json records them, to tell stale data.
@@ -363,9 +371,10 @@ def checkpoint_dir(name, seed):
     return os.path.join(out_root, f'{name}-s{seed}')
 
 
-def train_settings(p, name, seed):
-    """The train.py settings of training `name` with `seed` under preset p (train.py picks the
-    device: these are the commands for any machine)."""
+def train_settings(p, name, seed, steps=None):
+    """The train.py settings of training `name` with `seed` under preset p, up to `steps` (by
+    default to the end) of its one learning-rate schedule, p.max_iters long: train.py picks the
+    device, these are the commands for any machine."""
     kind = dict(TRAININGS[name])
     window = kind.pop('window', p.window)
     return dict(
@@ -373,10 +382,11 @@ def train_settings(p, name, seed):
         example_length=p.example_length, block_size=p.block_size, n_layer=p.n_layer,
         n_head=p.n_head, n_embd=p.n_embd, window=p.block_size if window is None else window,
         **kind, dropout=0.0,
-        batch_size=p.batch_size, max_iters=p.max_iters, lr_decay_iters=p.max_iters,
+        batch_size=p.batch_size, max_iters=steps or p.max_iters, lr_decay_iters=p.max_iters,
         warmup_iters=p.warmup_iters, learning_rate=p.learning_rate, min_lr=p.learning_rate / 10,
         # evaluate at the start and at the end only, and keep the final weights
-        eval_interval=p.max_iters, eval_iters=20, log_interval=100, always_save_checkpoint=True,
+        eval_interval=steps or p.max_iters, eval_iters=20, log_interval=100,
+        always_save_checkpoint=True,
         # no torch.compile: its start-up, tens of seconds, is a large part of a training this short
         compile=False)
 
@@ -419,24 +429,30 @@ def last_line(path):
     return lines[-1] if lines else '(nothing)'
 
 
+def next_stage(p, name, seed):
+    """The train.py settings that take training (name, seed) to its next scoring step (resuming
+    its checkpoint), or None once it is at the last."""
+    steps = trained_steps(checkpoint_dir(name, seed))
+    later = [s for s in p.score_steps if s > steps]
+    if not later:
+        return None
+    settings = dict(train_settings(p, name, seed, later[0]), device=device, dtype=dtype)
+    if steps > 0:
+        settings['init_from'] = 'resume'
+    return settings
+
+
 def run_trainings(p):
     """Prepare the data if needed, then run every training that has not finished, `jobs` at a
-    time; each logs to its out_dir/train.log. A training cut short continues from its checkpoint.
+    time; each logs to its out_dir/train.log, runs to each of p.score_steps in turn and is scored
+    there (its scores.json), then goes on. A training cut short continues from its checkpoint.
     When one fails, or recall.py is stopped (Ctrl-C, SIGTERM), the others are stopped too: each
     saves a checkpoint at its next log step, and none runs on after recall.py."""
     if not data_is_prepared(p) and run_command(prepare_command()).wait() != 0:
         raise SystemExit("data/recall/prepare.py failed")
-    todo = []
-    for name in TRAININGS:
-        for seed in p.seeds:
-            settings = dict(train_settings(p, name, seed), device=device, dtype=dtype)
-            steps = trained_steps(settings['out_dir'])
-            if steps >= p.max_iters:
-                continue
-            if steps > 0:
-                settings['init_from'] = 'resume'
-            todo.append((name, seed, settings))
-    # each training is scored as soon as it ends: its scores.json is the result to keep
+    todo = [(name, seed, settings) for name in TRAININGS for seed in p.seeds
+            if (settings := next_stage(p, name, seed)) is not None]
+    # each training is scored as soon as it reaches a scoring step: scores.json is the result
     scorer = Scorer(p, band_distances(p.window, p.n_layer, p.max_distance, p.points_per_band))
     print(f"{len(todo)} trainings to run, {jobs} at a time")
     running = []
@@ -462,9 +478,13 @@ def run_trainings(p):
                     log_path = os.path.join(out_dir, 'train.log')
                     raise SystemExit(f"training {out_dir} failed (exit {process.returncode}): "
                                      f"{last_line(log_path)} (the whole log: {log_path})")
-                print(f"  {out_dir} done in {time.time() - t0:.0f} s")
-                if trained_steps(out_dir) >= p.max_iters:
+                steps = trained_steps(out_dir)
+                print(f"  {out_dir} at step {steps} in {time.time() - t0:.0f} s")
+                if steps in p.score_steps:
                     scorer(name, seed)
+                settings = next_stage(p, name, seed)
+                if settings is not None:
+                    todo.append((name, seed, settings))
     except KeyboardInterrupt:
         raise SystemExit("stopped: run the same command to continue the trainings from their "
                          "checkpoints") from None
@@ -499,45 +519,44 @@ def evaluation_settings(p, distances):
     """What a training's scores depend on besides its weights: a scores.json made with other
     settings is stale."""
     return dict(tasks=list(TASKS), distances=list(distances), eval_examples=p.eval_examples,
-                n_values=p.n_values, eval_seed=EVAL_SEED, max_iters=p.max_iters)
+                n_values=p.n_values, eval_seed=EVAL_SEED, score_steps=list(p.score_steps))
 
 
 def saved_scores(p, name, seed, distances):
-    """{label: {task: [accuracy at each distance]}} from the scores.json of training (name,
-    seed), if it holds this evaluation's and its checkpoint (if there) is the one scored; None
-    otherwise. With the JSON files alone (copied from the machines that trained), the table can
-    be made anywhere."""
-    path = os.path.join(checkpoint_dir(name, seed), SCORES)
+    """{step: {label: {task: [accuracy at each distance]}}} from the scores.json of training
+    (name, seed), if it holds this evaluation's and none from beyond its checkpoint (if there is
+    one: a training begun again); {} otherwise. With the JSON files alone (copied from the
+    machines that trained), the tables can be made anywhere."""
     try:
-        with open(path) as f:
+        with open(os.path.join(checkpoint_dir(name, seed), SCORES)) as f:
             saved = json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
+    if saved.get('evaluation') != evaluation_settings(p, distances):
+        return {}
+    scores = {int(step): per_label for step, per_label in saved['scores'].items()}
     steps = trained_steps(checkpoint_dir(name, seed))
-    if saved.get('evaluation') != evaluation_settings(p, distances) or steps not in (
-            0, saved.get('iter_num')):
-        return None
-    return saved['scores']
+    return {} if 0 < steps < max(scores, default=0) else scores
 
 
 class Scorer:
-    """Scores finished trainings on the evaluation's examples, the same ones for every model
-    (made at the first use: they need the held-out plays), and writes each one's scores.json."""
+    """Scores trainings on the evaluation's examples, the same ones for every model (made at the
+    first use: they need the held-out plays), and adds the scores to each one's scores.json."""
 
     def __init__(self, p, distances):
         self.p, self.distances, self.examples = p, distances, None
         _, self.ctx = setup_device_and_precision(device, dtype)
 
     def __call__(self, name, seed):
-        """Score training (name, seed) in each of its readings: {label: {task: [accuracy at
-        each distance]}}, also written to its scores.json."""
+        """Score training (name, seed) at the step its checkpoint got to, in each of its
+        readings: {label: {task: [accuracy at each distance]}}, also kept in its scores.json."""
         p, distances = self.p, self.distances
         if self.examples is None:
             text = shakespeare_tokens('val')            # the held-out plays
             self.examples = {(task, d): make_examples(task, np.random.default_rng(
                 [EVAL_SEED, i, d]), p.eval_examples, p, text, d)
                 for i, task in enumerate(TASKS) for d in distances}
-        t0 = time.time()
+        t0, step = time.time(), trained_steps(checkpoint_dir(name, seed))
         model, _ = load_model(checkpoint_dir(name, seed), 0, p.example_length, device)
         scores = {}
         for label, reading, sinks in READINGS:
@@ -549,40 +568,48 @@ class Scorer:
                 with self.ctx:
                     correct, total = score(predict, tokens, answers, device)
                 scores[label][task].append(correct / total)
-            print(f"{label}, seed {seed}: " + ', '.join(
+            print(f"{label}, seed {seed}, step {step}: " + ', '.join(
                 f"{task} {100 * np.mean(scores[label][task]):.1f}%" for task in TASKS)
                 + f" (mean over distances), {time.time() - t0:.1f} s")
-        saved = dict(evaluation=evaluation_settings(p, distances),
-                     iter_num=trained_steps(checkpoint_dir(name, seed)), scores=scores)
+        every_step = {**saved_scores(p, name, seed, distances), step: scores}
+        saved = dict(evaluation=evaluation_settings(p, distances), scores=every_step)
         write_result(os.path.join(checkpoint_dir(name, seed), SCORES),
                      lambda path: write_text(path, json.dumps(saved, indent=1)))
         return scores
 
 
 def evaluate(p, distances):
-    """accuracy[label][task]: an array (seeds, distances) of each reading's accuracies, over the
-    seeds whose training has finished (a reading with none is left out, and said so): from each
-    training's scores.json where it holds this evaluation's, else scored now and written."""
+    """(accuracy, curves): accuracy[label][task], an array (seeds, distances) of each reading's
+    accuracies at the end of its training, and curves[label][task], an array (seeds, score
+    steps) of its accuracy averaged over the distances at each scoring step (NaN: not scored),
+    over the seeds whose training has finished (a reading with none is left out, and said so).
+    From each training's scores.json; a finished training not scored at its end is scored now."""
     scorer, found = Scorer(p, distances), {}
     for name in TRAININGS:
         for seed in p.seeds:
             scores = saved_scores(p, name, seed, distances)
-            if scores is None and trained_steps(checkpoint_dir(name, seed)) >= p.max_iters:
-                scores = scorer(name, seed)
-            if scores is not None:
+            if p.max_iters not in scores and \
+                    trained_steps(checkpoint_dir(name, seed)) >= p.max_iters:
+                scores[p.max_iters] = scorer(name, seed)
+            if p.max_iters in scores:
                 found[name, seed] = scores
     if not found:
         raise SystemExit(f"no finished training in {out_root}: run python recall.py "
                          f"--preset={preset} --action=train first")
-    accuracy = {}
+    accuracy, curves = {}, {}
     for label, name, _ in READINGS:
         seeds = [seed for seed in p.seeds if (name, seed) in found]
         if len(seeds) < len(p.seeds):
             print(f"{label}: {len(seeds)} of {len(p.seeds)} trainings of {name} finished")
-        if seeds:
-            accuracy[label] = {task: np.array([found[name, seed][label][task] for seed in seeds])
-                               for task in TASKS}
-    return accuracy
+        if not seeds:
+            continue
+        accuracy[label] = {task: np.array([found[name, seed][p.max_iters][label][task]
+                                           for seed in seeds]) for task in TASKS}
+        curves[label] = {task: np.array([[np.mean(found[name, seed][step][label][task])
+                                          if step in found[name, seed] else np.nan
+                                          for step in p.score_steps] for seed in seeds])
+                         for task in TASKS}
+    return accuracy, curves
 
 
 def mean_std(values):
@@ -591,9 +618,26 @@ def mean_std(values):
     return values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
 
 
-def format_tables(accuracy, distances, window, n_layer, chance):
+def percent(values):
+    """A table's cell: values (one per seed) in percent, mean +- std; '-' for none (NaN)."""
+    values = np.asarray(values)[np.isfinite(values)]
+    if not len(values):
+        return '-'
+    mean, std = mean_std(values)
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def still_rising(curve):
+    """Whether a curve (seeds, score steps) still rose at its last step: its mean over the
+    seeds gained more than 1 point, and more than its spread over the seeds there."""
+    (last, spread), (before, _) = mean_std(curve[:, -1]), mean_std(curve[:, -2])
+    return last - before > max(0.01, spread)
+
+
+def format_tables(accuracy, distances, window, n_layer, chance, curves=None):
     """One markdown table per task: a row per reading, a column per distance, each cell the
-    accuracy in percent, mean +- std over the seeds."""
+    accuracy in percent, mean +- std over the seeds; a reading whose curve (see evaluate) still
+    rose at its last scoring step is marked so."""
     rf = receptive_field(window, n_layer)
     bands = {}
     for d in distances:
@@ -606,9 +650,26 @@ def format_tables(accuracy, distances, window, n_layer, chance):
                   '| model | ' + ' | '.join(str(d) for d in distances) + ' |',
                   '|---|' + '---|' * len(distances)]
         for label, per_task in accuracy.items():
-            cells = [f"{100 * m:.1f} ± {100 * s:.1f}"
-                     for m, s in (mean_std(column) for column in per_task[task].T)]
-            lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+            rising = curves is not None and still_rising(curves[label][task])
+            name = f"{label} (still rising)" if rising else label
+            lines.append(f'| {name} | ' + ' | '.join(map(percent, per_task[task].T)) + ' |')
+    return '\n'.join(lines)
+
+
+def format_curves(curves, score_steps):
+    """One markdown table per task: a row per reading, a column per scoring step, each cell the
+    accuracy averaged over the distances, in percent, mean +- std over the seeds."""
+    lines = ["Accuracy in % averaged over the distances (mean +- std over seeds) at each scoring "
+             "step of one training (one learning-rate schedule, to the last step); still rising: "
+             "up by more than 1 point, and more than the spread over the seeds, at the last."]
+    for task in TASKS:
+        lines += ['', f"**{TASK_TITLES[task]}**", '',
+                  '| model | ' + ' | '.join(f"step {s}" for s in score_steps) + ' | |',
+                  '|---|' + '---|' * (len(score_steps) + 1)]
+        for label, per_task in curves.items():
+            mark = 'still rising' if still_rising(per_task[task]) else ''
+            lines.append(f'| {label} | ' + ' | '.join(map(percent, per_task[task].T)) +
+                         f' | {mark} |')
     return '\n'.join(lines)
 
 
@@ -683,8 +744,9 @@ def main(args=None):
         run_trainings(p)
     if action in ('eval', 'all'):
         distances = band_distances(p.window, p.n_layer, p.max_distance, p.points_per_band)
-        accuracy = evaluate(p, distances)
-        table = format_tables(accuracy, distances, p.window, p.n_layer, 1 / p.n_values)
+        accuracy, curves = evaluate(p, distances)
+        table = (format_tables(accuracy, distances, p.window, p.n_layer, 1 / p.n_values, curves)
+                 + '\n\n' + format_curves(curves, p.score_steps))
         print()
         print(table)
         if plot:

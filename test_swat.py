@@ -3016,7 +3016,8 @@ def test_eval_of_untrained_checkpoints(recall_settings, tmp_path, capsys, monkey
     out = capsys.readouterr().out
     assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     table = (tmp_path / 'recall.md').read_text()
-    assert table in out and table.count('| softmax SWA + 4 sinks |') == len(TASKS)
+    # a table per task against distance, and one against the training's steps
+    assert table in out and table.count('| softmax SWA + 4 sinks |') == 2 * len(TASKS)
     # what is not trained is said, and left out
     assert 'sigmoid, positive ALiBi: 0 of 1 trainings of swat-positive finished' in out
     assert '| sigmoid, positive ALiBi |' not in table
@@ -3039,16 +3040,68 @@ def test_recall_keeps_each_trainings_scores_and_tables_them_alone(recall_setting
     for name in ('vanilla', 'swa'):
         path = tmp_path / f'{name}-s1' / recall.SCORES
         saved = json.loads(path.read_text())
-        assert saved['iter_num'] == RECALL_TINY.max_iters and path.stat().st_size < 10_000
-        assert set(saved['scores']) == {label for label, reading, _ in recall.READINGS
-                                        if reading == name}
+        assert list(saved['scores']) == [str(RECALL_TINY.max_iters)]
+        assert set(saved['scores'][str(RECALL_TINY.max_iters)]) == {
+            label for label, reading, _ in recall.READINGS if reading == name}
+        assert path.stat().st_size < 10_000
         os.remove(tmp_path / f'{name}-s1' / 'ckpt.pt')
     recall.main(args)
     second = capsys.readouterr().out
-    assert ', seed 1:' in first and ', seed 1:' not in second      # nothing scored again
+    assert ', seed 1, step 200:' in first and ', seed 1' not in second    # none scored again
     assert second[second.index('Accuracy in %'):] == first[first.index('Accuracy in %'):]
     monkeypatch.setitem(recall.PRESETS, 'tiny', dataclasses.replace(RECALL_TINY, eval_examples=5))
     assert 'no finished training' in exit_message(recall.main, args)
+
+
+def test_recall_scores_each_training_at_each_scoring_step(recall_settings, tmp_path,
+                                                          monkeypatch):
+    """--action=train runs each training to each of the preset's score_steps in turn, on one
+    learning-rate schedule (resuming its checkpoint), and scores it at each: here train.py
+    only writes the checkpoint it would, and the scoring is noted down."""
+    started, scored = [], []
+
+    def run_command(cmd, **kwargs):         # a train.py that gets to --max_iters at once
+        settings = dict(arg[2:].split('=', 1) for arg in cmd[2:])
+        started.append(settings)
+        torch.save({'iter_num': int(settings['max_iters']), 'model': {}, 'model_args': {}},
+                   os.path.join(settings['out_dir'], 'ckpt.pt'))
+        return subprocess.Popen([sys.executable, '-c', 'pass'])
+
+    class NotedScorer:
+        def __init__(self, p, distances):
+            pass
+
+        def __call__(self, name, seed):
+            scored.append((name, recall.trained_steps(recall.checkpoint_dir(name, seed))))
+    monkeypatch.setattr(recall, 'run_command', run_command)
+    monkeypatch.setattr(recall, 'Scorer', NotedScorer)
+    monkeypatch.setattr(recall, 'data_is_prepared', lambda p: True)
+    monkeypatch.setattr(recall, 'time', QuickClock)
+    recall.main(['--preset=tiny', '--action=train', '--jobs=3', f'--out_root={tmp_path}',
+                 '--device=cpu'])
+    steps = RECALL_TINY.score_steps
+    for name in TRAININGS:
+        runs = [s for s in started if s['out_dir'] == recall.checkpoint_dir(name, 1)]
+        assert [int(s['max_iters']) for s in runs] == list(steps)
+        assert {s['lr_decay_iters'] for s in runs} == {str(steps[-1])}
+        assert [s.get('init_from') for s in runs] == [None] + ['resume'] * (len(steps) - 1)
+        assert [step for scored_name, step in scored if scored_name == name] == list(steps)
+
+
+def test_a_curve_still_rising_is_marked():
+    """The learning curves' table, and the mark on a reading still rising at its last scoring
+    step: up more than 1 point and more than the seeds' spread."""
+    distances, steps = [2, 4], (50, 100, 200)
+    flat, rising = np.array([[0.5, 0.9, 0.905]] * 3), np.array([[0.5, 0.7, 0.8]] * 3)
+    curves = {'a': dict.fromkeys(TASKS, flat), 'b': dict.fromkeys(TASKS, rising)}
+    accuracy = {label: dict.fromkeys(TASKS, np.full((3, 2), 0.5)) for label in curves}
+    table = recall.format_curves(curves, steps)
+    assert table.count('| a | 50.0 ± 0.0 | 90.0 ± 0.0 | 90.5 ± 0.0 |  |') == len(TASKS)
+    assert table.count('| b | 50.0 ± 0.0 | 70.0 ± 0.0 | 80.0 ± 0.0 | still rising |') == len(TASKS)
+    marked = recall.format_tables(accuracy, distances, 8, 2, 1 / 32, curves)
+    assert marked.count('| b (still rising) |') == len(TASKS) and '| a |' in marked
+    noisy = rising + np.array([[0.2], [-0.2], [0.0]])     # a spread over seeds beyond the gain
+    assert not recall.still_rising(noisy) and recall.still_rising(rising)
 
 
 class QuickClock:
