@@ -10,7 +10,8 @@ against d in the three bands.
 
     python recall.py                                # everything: data, 21 trainings, table, plot
     python recall.py --action=commands              # print the commands instead, to run elsewhere
-    python recall.py --action=eval                  # table and plot from the trained checkpoints
+                                                    # (each training in one go: scored at its end)
+    python recall.py --action=eval                  # tables and plot from the trainings' scores
     python recall.py --preset=tiny --device=cpu     # the whole pipeline at a toy size, on a CPU:
                                                     # it learns nothing (see RESULTS.md, section 6)
 
@@ -501,7 +502,9 @@ def run_trainings(p):
 
 
 def print_commands(p):
-    """The commands that run the whole benchmark, one per line: for a GPU session elsewhere."""
+    """The commands that run the whole benchmark, one per line: for a GPU session elsewhere.
+    Each training runs to its end in one go, so --action=eval scores it there alone: the steps
+    before (the learning curve) need recall.py --action=train."""
     print(' '.join(prepare_command()))
     for name in TRAININGS:
         for seed in p.seeds:
