@@ -32,6 +32,11 @@ sinks. None ever builds an L x L matrix, and the loss takes the logits 1024 posi
 never all B x L x 50304 of them. --max_batch_tokens caps the tokens of one forward.
 
     python eval.py --checkpoints=out --lengths=128,512,2048 --device=cpu --plot=''
+
+The heads. --heads=heads.png then reads each model over batch_size stretches of its block_size
+and prints, for every layer and head, the mean weight its attention gives the key d tokens back
+(d = 0 .. w - 1) and the mean norm of its output, and plots the weights against d: what a
+sigmoid head with a steep positive slope does with its window, for instance.
 """
 
 import contextlib
@@ -45,7 +50,7 @@ import torch
 
 from configurator import apply_overrides
 from runtime import setup_device_and_precision
-from swat import SWAT, CheckpointError, checkpoint_path, load_checkpoint
+from swat import SWAT, CheckpointError, apply_rope, checkpoint_path, load_checkpoint
 from tokenizer import EOT
 from training import check_folder, check_token_file, write_failure
 
@@ -62,8 +67,10 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
                             # of the matmuls: 'float32', 'bfloat16', 'float16'
 plot = 'eval.png'           # the plot: a .png, .pdf or .svg (needs matplotlib); '' for none
+heads = ''                  # a plot of each head's mean weight against distance, and its output's
+                            # norm, over batch_size stretches of block_size; '' for none
 config_keys = ['checkpoints', 'dataset', 'lengths', 'window', 'sink_tokens', 'max_tokens_per_length',
-               'batch_size', 'max_batch_tokens', 'device', 'dtype', 'plot']
+               'batch_size', 'max_batch_tokens', 'device', 'dtype', 'plot', 'heads']
 # -----------------------------------------------------------------------------
 FULL = -1                   # the window value that means full causal attention
 PLOT_FORMATS = ('.png', '.pdf', '.svg')     # what matplotlib writes with nothing else installed
@@ -202,6 +209,88 @@ def evaluate(model, tokens, starts, L, sink_tokens, rows, device, ctx):
 
 
 # -----------------------------------------------------------------------------
+# what each head does
+
+@torch.no_grad()
+def head_statistics(model, x):
+    """Per layer and head of model reading x (B, T): the mean weight its attention gives the key
+    d tokens back, for d = 0 .. min(w, T) - 1 (over the queries at least d into x), (n_layer, H,
+    min(w, T)); and the mean norm of the head's output, its weighted sum of values before the
+    output projection, (n_layer, H). For a sigmoid model a weight is sigmoid(q . k / sqrt(D) +
+    s_h d), each key's own; for softmax, its share of the query's attention. Written out densely,
+    T x T per head: a probe of the model, not a way to read long texts."""
+    cfg = model.config
+    B, T = x.shape
+    H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+    positions = torch.arange(T, device=x.device)
+    distance = (positions[:, None] - positions[None, :]).float()          # (T, T): m - n
+    seen = (distance >= 0) & (distance < cfg.window)
+    cos_sin = model.rope_table(T, x.device)
+    hidden = model.transformer.wte(x)
+    weight_at, norm = [], []
+    for block in model.transformer.h:
+        attn = block.attn
+        q, k, v = attn.c_attn(block.ln_1(hidden)).split(cfg.n_embd, dim=2)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2).float() for t in (q, k, v))   # (B, H, T, D)
+        if cos_sin is not None:
+            q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        logits = q @ k.transpose(-2, -1) / math.sqrt(D) + attn.slopes[:, None, None] * distance
+        logits = logits.masked_fill(~seen, float('-inf'))
+        weights = torch.sigmoid(logits) if attn.kind == 'sigmoid' else logits.softmax(dim=-1)
+        weight_at.append(torch.stack([weights.diagonal(-d, dim1=-2, dim2=-1).mean(dim=(0, 2))
+                                      for d in range(min(cfg.window, T))], dim=-1))  # (H, w)
+        norm.append((weights @ v).norm(dim=-1).mean(dim=(0, 2)))                    # (H,)
+        hidden = block(hidden, cos_sin)
+    return torch.stack(weight_at), torch.stack(norm)
+
+
+def format_heads(label, slopes, weight_at, norm):
+    """Lines of a markdown table: each head of a model, its slope, its mean weight near, midway
+    and far back in its window, the sum of those means (how many keys' worth it takes in) and
+    its output's norm."""
+    reach = weight_at.size(-1)
+    lines = [f"**{label}**", '', f"| layer | head | slope | weight d=0 | d={reach // 2} | "
+             f"d={reach - 1} | sum over d | output norm |", '|---|---|---|---|---|---|---|---|']
+    for layer in range(weight_at.size(0)):
+        for h in range(weight_at.size(1)):
+            w = weight_at[layer, h]
+            lines.append(f"| {layer} | {h} | {slopes[h]:+.4g} | {w[0]:.3g} | {w[reach // 2]:.3g} "
+                         f"| {w[-1]:.3g} | {w.sum():.3g} | {norm[layer, h]:.3g} |")
+    return '\n'.join(lines)
+
+
+def plot_heads(path, labels, slopes, weight_at, norms):
+    """Mean weight against distance, a panel per checkpoint (rows) and layer (columns), a line
+    per head: blue the heads of negative slope (they favour recent keys), red positive, gray
+    none; the legend gives each head's slope and output norm."""
+    import matplotlib                             # only here: nothing else needs it
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    n_layer = max(w.size(0) for w in weight_at)
+    fig, axes = plt.subplots(len(labels), n_layer, figsize=(4 * n_layer, 3 * len(labels)),
+                             squeeze=False, sharey=True)
+    for row, (label, s, w, n) in enumerate(zip(labels, slopes, weight_at, norms)):
+        for layer in range(n_layer):
+            ax = axes[row, layer]
+            if layer >= w.size(0):
+                ax.axis('off')
+                continue
+            for h in range(w.size(1)):
+                color = 'tab:blue' if s[h] < 0 else 'tab:red' if s[h] > 0 else 'gray'
+                ax.plot(w[layer, h].numpy(), color=color, alpha=0.4 + 0.6 * h / w.size(1),
+                        label=f"s={s[h]:+.3g}, |y|={n[layer, h]:.2f}")
+            ax.set_yscale('log')
+            ax.set_title(f"{label[:40]}: layer {layer}", fontsize=8)
+            ax.set_xlabel('distance back d')
+            ax.legend(fontsize=5)
+        axes[row, 0].set_ylabel('mean weight')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
 # the output
 
 def format_table(labels, lengths, results):
@@ -256,8 +345,9 @@ def write_result(path, write):
 def check_settings():
     """The evaluation lengths and the checkpoints' (path, window, sinks), or SystemExit with one
     line for a setting that cannot work: all checked before any work."""
-    if plot:
-        check_plot(plot)
+    for path in (plot, heads):
+        if path:
+            check_plot(path)
     try:
         eval_lengths = [int(L) for L in lengths.split(',')]
     except ValueError:
@@ -330,6 +420,32 @@ def main(args=None):
         write_result(plot, lambda path: plot_losses(path, labels, eval_lengths, results,
                                                     training_lengths, title))
         print(f"plot written to {plot}")
+    if heads:
+        probe_heads(models, tokens, docs, ctx)
+
+
+def probe_heads(models, tokens, docs, ctx):
+    """The heads' table and plot (--heads): each model over its first batch_size stretches of
+    its block_size."""
+    labels, slopes, weight_at, norms = [], [], [], []
+    for model, label, _ in models:
+        L = model.config.block_size
+        starts = stretch_starts(docs, L, batch_size * L)
+        if not starts:
+            print(f"{label}: no document has {L + 1} tokens, no heads to probe")
+            continue
+        x = torch.from_numpy(np.stack([tokens[s:s + L].astype(np.int64) for s in starts]))
+        with ctx:
+            w, n = head_statistics(model, x.to(device))
+        labels.append(label)
+        slopes.append(model.transformer.h[0].attn.slopes.tolist())
+        weight_at.append(w.float().cpu())
+        norms.append(n.float().cpu())
+        print()
+        print(format_heads(label, slopes[-1], weight_at[-1], norms[-1]))
+    if labels:
+        write_result(heads, lambda path: plot_heads(path, labels, slopes, weight_at, norms))
+        print(f"heads plot written to {heads}")
 
 
 if __name__ == '__main__':

@@ -2483,6 +2483,17 @@ def test_eval_sink_tokens_on_a_softmax_checkpoint(softmax_checkpoint, capsys):
     assert with_sinks[0] == without[0]
 
 
+@pytest.mark.usefixtures('script_state', 'shakespeare')
+def test_eval_probes_the_heads(softmax_checkpoint, tmp_path, capsys):
+    """--heads: after the losses, each head's weights and output norm, a table and a plot."""
+    plot = tmp_path / 'heads.png'
+    eval_script.main([f'--checkpoints={softmax_checkpoint}', '--lengths=64', *EVAL_ARGS,
+                      f'--heads={plot}'])
+    out = capsys.readouterr().out
+    assert out.count('| layer | head | slope |') == 1 and '| 1 | 1 |' in out
+    assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
 def test_checkpoint_options():
     parse = EVAL['parse_checkpoint']
     assert parse('out-swa', 0, 0) == ('out-swa', 0, 0)
@@ -2665,6 +2676,56 @@ def test_stretch_loss_matches_full_attention_on_the_last_w_tokens(attn, alibi, r
         _, unwindowed = full(x, y)                                 # sanity: the window matters
     assert abs(EVAL['stretch_loss'](model, x, y) - naive) < 1e-5
     assert abs(unwindowed.item() - naive) > 1e-4
+
+
+@pytest.mark.usefixtures('reference_attention')
+@pytest.mark.parametrize('attn', ['sigmoid', 'softmax'])
+def test_head_statistics_are_each_heads_attention(attn):
+    """eval.py --heads: a head's mean weight at distance d is its formula's, key by key (brute
+    force, layer 0), and the norm of its output is that of the model's own attention path (the
+    input of c_proj, every layer)."""
+    torch.manual_seed(0)
+    model = SWAT(tiny_config(attn=attn)).eval()                     # 2 layers, 2 heads, w = 8
+    x = torch.randint(0, V, (2, 20))
+    weight_at, norm = EVAL['head_statistics'](model, x)
+    assert weight_at.shape == (2, 2, 8) and norm.shape == (2, 2)
+    block, H, D = model.transformer.h[0], 2, 16
+    with torch.no_grad():
+        q, k, _ = block.attn.c_attn(block.ln_1(model.transformer.wte(x))).split(32, dim=2)
+        cos, sin = rope_cos_sin(torch.arange(20), D, 10000.0)
+        q, k = (apply_rope(t.view(2, 20, H, D).transpose(1, 2), cos, sin) for t in (q, k))
+    slopes = block.attn.slopes
+    for h in range(H):
+        for d in range(8):
+            weights = []
+            for b in range(2):
+                for m in range(d, 20):
+                    keys = range(max(0, m - 7), m + 1)          # the query's window
+                    logits = torch.tensor([float(q[b, h, m] @ k[b, h, n]) / 4 + slopes[h] * (m - n)
+                                           for n in keys])
+                    p = torch.sigmoid(logits) if attn == 'sigmoid' else logits.softmax(0)
+                    weights.append(p[list(keys).index(m - d)])
+            assert weight_at[0, h, d].item() == pytest.approx(torch.stack(weights).mean().item(),
+                                                              rel=1e-4)
+    outputs = []
+    hooks = [b.attn.c_proj.register_forward_pre_hook(lambda _, args: outputs.append(args[0]))
+             for b in model.transformer.h]
+    with torch.no_grad():
+        model.hidden_states(x)
+    for hook in hooks:
+        hook.remove()
+    for layer, y in enumerate(outputs):
+        torch.testing.assert_close(norm[layer], y.view(2, 20, H, D).norm(dim=-1).mean(dim=(0, 1)),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_heads_plot(tmp_path):
+    path = tmp_path / 'heads.png'
+    EVAL['plot_heads'](str(path), ['a', 'b'], [[-0.5, 0.5], [0.0, 0.0]],
+                       [torch.rand(2, 2, 8), torch.rand(1, 2, 8)], [torch.rand(2, 2)] * 2)
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    table = EVAL['format_heads']('a', [-0.5, 0.5], torch.full((1, 2, 8), 0.25), torch.ones(1, 2))
+    assert '| 0 | 1 | +0.5 | 0.25 | 0.25 | 0.25 | 2 | 1 |' in table
 
 
 def test_plot(tmp_path):
