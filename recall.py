@@ -44,10 +44,10 @@ window and the receptive field drawn in, both beside the checkpoints in out_root
 runs on one learning-rate schedule to the last of the preset's score_steps and is scored at each
 of them on its way, into a scores.json beside its checkpoint (kilobytes): the result to keep. A
 second table gives each model's accuracy at those steps, and marks a model whose accuracy was
-still rising at the last: its row is not converged. --action=eval makes the table from those files, scoring the finished trainings
-that have none yet, and says which have not finished; with the JSON files alone (copied from the
-machines that trained, on other days) it needs no checkpoint. --action=train skips the finished
-trainings and resumes the others. Stopping recall.py (Ctrl-C, SIGTERM) stops the trainings
+still rising at the last: its row is not converged. --action=eval makes the tables from those
+files, scoring the finished trainings that have none yet, and says which have not finished; with
+the JSON files alone (copied from the machines that trained, on other days) it needs no
+checkpoint. --action=train skips the finished trainings and resumes the others. Stopping recall.py (Ctrl-C, SIGTERM) stops the trainings
 too, each after saving a checkpoint, and the same command continues them.
 
 RESULTS.md, section 6, says what has been run and timed: the step times of the default preset on
