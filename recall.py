@@ -47,8 +47,9 @@ second table gives each model's accuracy at those steps, and marks a model whose
 still rising at the last: its row is not converged. --action=eval makes the tables from those
 files, scoring the finished trainings that have none yet, and says which have not finished; with
 the JSON files alone (copied from the machines that trained, on other days) it needs no
-checkpoint. --action=train skips the finished trainings and resumes the others. Stopping recall.py (Ctrl-C, SIGTERM) stops the trainings
-too, each after saving a checkpoint, and the same command continues them.
+checkpoint. --action=train skips the finished trainings and resumes the others. Stopping
+recall.py (Ctrl-C, SIGTERM) stops the trainings too, each after saving a checkpoint, and the
+same command continues them.
 
 RESULTS.md, section 6, says what has been run and timed: the step times of the default preset on
 an H200, and the tiny preset on a 2-core CPU, which runs every step of the benchmark but whose
