@@ -1753,6 +1753,15 @@ def test_the_recorded_training_step_is_the_eager_step(shakespeare, tmp_path):
         torch.testing.assert_close(checkpoints[0]['model'][name], weight, atol=1e-4, rtol=1e-3)
 
 
+@slow
+def test_a_cuda_graph_it_cannot_record_is_said_and_the_step_runs_eagerly(shakespeare, tmp_path):
+    proc = run('train.py', *TINY, '--cuda_graph=True', '--gradient_accumulation_steps=2',
+               '--max_iters=2', f'--out_dir={tmp_path}')
+    assert ('cuda_graph: off, the step runs eagerly (a graph of it needs a GPU, '
+            'gradient_accumulation_steps=1)') in proc.stdout
+    assert load_ckpt(tmp_path)['iter_num'] == 2
+
+
 @needs_gpu
 def test_a_recorded_step_over_masked_targets_is_the_eager_step():
     """A training step recorded as a CUDA graph whose loss reads the scored rows alone
