@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from configurator import apply_overrides
+from kernel import window_bias
 from runtime import setup_device_and_precision
 from swat import SWAT, CheckpointError, apply_rope, checkpoint_path, load_checkpoint
 from tokenizer import EOT
@@ -222,9 +223,6 @@ def head_statistics(model, x):
     cfg = model.config
     B, T = x.shape
     H, D = cfg.n_head, cfg.n_embd // cfg.n_head
-    positions = torch.arange(T, device=x.device)
-    distance = (positions[:, None] - positions[None, :]).float()          # (T, T): m - n
-    seen = (distance >= 0) & (distance < cfg.window)
     cos_sin = model.rope_table(T, x.device)
     hidden = model.transformer.wte(x)
     weight_at, norm = [], []
@@ -234,8 +232,9 @@ def head_statistics(model, x):
         q, k, v = (t.view(B, T, H, D).transpose(1, 2).float() for t in (q, k, v))   # (B, H, T, D)
         if cos_sin is not None:
             q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        logits = q @ k.transpose(-2, -1) / math.sqrt(D) + attn.slopes[:, None, None] * distance
-        logits = logits.masked_fill(~seen, float('-inf'))
+        # + s_h (m - n) inside the window, -inf outside it: Eq. 5's logits, every query at once
+        bias = window_bias(0, T, 0, attn.slopes.float(), cfg.window)            # (H, T, T)
+        logits = q @ k.transpose(-2, -1) / math.sqrt(D) + bias
         weights = torch.sigmoid(logits) if attn.kind == 'sigmoid' else logits.softmax(dim=-1)
         weight_at.append(torch.stack([weights.diagonal(-d, dim1=-2, dim2=-1).mean(dim=(0, 2))
                                       for d in range(min(cfg.window, T))], dim=-1))  # (H, w)

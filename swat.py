@@ -162,9 +162,9 @@ class KVCache:
 
     def __init__(self, config, batch_size, sink_tokens, device, dtype):
         check_sink_tokens(sink_tokens)
-        self.window, self.sinks, self.ring = config.window, sink_tokens, config.window
+        self.window, self.sinks = config.window, sink_tokens
         H, D = config.n_head, config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, H, sink_tokens + self.ring, D)
+        shape = (config.n_layer, batch_size, H, sink_tokens + config.window, D)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.slot_position = torch.full(shape[3:4], -1, device=device)      # (S,)
@@ -175,14 +175,14 @@ class KVCache:
 
     def slot(self, position):
         """The slot of the token at `position` (a tensor): its sink slot, or its ring slot."""
-        ring_slot = self.sinks + (position - self.sinks) % self.ring
+        ring_slot = self.sinks + (position - self.sinks) % self.window
         return torch.where(position < self.sinks, position, ring_slot)
 
     def fill(self, layer, k, v):
         """Keep of a prompt's k, v (B, H, T, D) what the next token can see: the sinks and the
         last w - 1 tokens. Every layer calls it; the last one sets the positions."""
         T = k.size(2)
-        kept = torch.tensor([p for p in range(T) if p < self.sinks or p > T - self.ring],
+        kept = torch.tensor([p for p in range(T) if p < self.sinks or p > T - self.window],
                             dtype=torch.long, device=k.device)
         slots = self.slot(kept)
         self.k[layer][:, :, slots] = k[:, :, kept].to(self.k.dtype)

@@ -861,7 +861,7 @@ def test_far_positions_give_the_logits_of_near_ones():
     with torch.no_grad():
         model.prefill(text[:, :20], near)
         model.prefill(text[:, :20], far)
-        shift = far.ring * (2 ** 31 // far.ring + 1)
+        shift = far.window * (2 ** 31 // far.window + 1)   # the ring has window slots
         far.position += shift
         far.slot_position[far.slot_position >= 0] += shift
         for t in range(20, 30):
