@@ -12,6 +12,7 @@ against d in the three bands.
     python recall.py --action=commands              # print the commands instead, to run elsewhere
                                                     # (each training in one go: scored at its end)
     python recall.py --action=eval                  # tables and plot from the trainings' scores
+    python recall.py --action=train --seeds=1       # the trainings of one seed (a batch of them)
     python recall.py --preset=tiny --device=cpu     # the whole pipeline at a toy size, on a CPU:
                                                     # it learns nothing (see RESULTS.md, section 6)
 
@@ -78,11 +79,13 @@ preset = 'default'          # a name from PRESETS: the models, the task, the tra
 action = 'all'              # 'commands' (print them), 'train', 'eval', or 'all' (train, then eval)
 out_root = 'out-recall'     # the checkpoints go to out_root/<training>-s<seed>
 jobs = 7 if torch.cuda.is_available() else 1  # trainings at the same time (they share the GPU)
+seeds = ''                  # which of the preset's seeds to train, e.g. '1' or '2,3'; '' for all:
+                            # a benchmark too long for one machine runs in batches
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # of the trainings and the evaluation
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
                             # of the matmuls: 'float32', 'bfloat16', 'float16'
 plot = 'recall.png'         # the plot, in out_root (the table beside it, as .md); '' for none
-config_keys = ['preset', 'action', 'out_root', 'jobs', 'device', 'dtype', 'plot']
+config_keys = ['preset', 'action', 'out_root', 'jobs', 'seeds', 'device', 'dtype', 'plot']
 # -----------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(ROOT, 'data', 'recall')
@@ -444,15 +447,30 @@ def next_stage(p, name, seed):
     return settings
 
 
+def selected_seeds(p):
+    """The seeds to train: those `seeds` names, or all of the preset's; SystemExit with one line
+    for a seed the preset does not have."""
+    if not seeds:
+        return p.seeds
+    try:
+        chosen = tuple(int(seed) for seed in seeds.split(','))
+    except ValueError:
+        chosen = ()
+    if not chosen or not set(chosen) <= set(p.seeds):
+        raise SystemExit(f"seeds={seeds!r}: expected some of preset {preset}'s seeds "
+                         f"{','.join(map(str, p.seeds))}, comma-separated, or '' for all")
+    return chosen
+
+
 def run_trainings(p):
-    """Prepare the data if needed, then run every training that has not finished, `jobs` at a
-    time; each logs to its out_dir/train.log, runs to each of p.score_steps in turn and is scored
+    """Prepare the data if needed, then run every training of the selected seeds that has not
+    finished, `jobs` at a time; each logs to its out_dir/train.log, runs to each of p.score_steps in turn and is scored
     there (its scores.json), then goes on. A training cut short continues from its checkpoint.
     When one fails, or recall.py is stopped (Ctrl-C, SIGTERM), the others are stopped too: each
     saves a checkpoint at its next log step, and none runs on after recall.py."""
     if not data_is_prepared(p) and run_command(prepare_command()).wait() != 0:
         raise SystemExit("data/recall/prepare.py failed")
-    todo = [(name, seed, settings) for name in TRAININGS for seed in p.seeds
+    todo = [(name, seed, settings) for seed in selected_seeds(p) for name in TRAININGS
             if (settings := next_stage(p, name, seed)) is not None]
     # each training is scored as soon as it reaches a scoring step: scores.json is the result
     scorer = Scorer(p, band_distances(p.window, p.n_layer, p.max_distance, p.points_per_band))
@@ -507,8 +525,8 @@ def print_commands(p):
     Each training runs to its end in one go, so --action=eval scores it there alone: the steps
     before (the learning curve) need recall.py --action=train."""
     print(' '.join(prepare_command()))
-    for name in TRAININGS:
-        for seed in p.seeds:
+    for seed in selected_seeds(p):
+        for name in TRAININGS:
             print(' '.join(command('train.py', train_settings(p, name, seed))))
     print(f"python recall.py --preset={preset} --action=eval --out_root={out_root}")
 
@@ -733,6 +751,7 @@ def check_settings():
         check_plot(plot_path())
     p = PRESETS[preset]
     check_vocabulary(p)
+    selected_seeds(p)
     return p
 
 

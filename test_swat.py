@@ -3025,6 +3025,21 @@ def test_commands(recall_settings, capsys):
     assert lines[-1].startswith('python recall.py --preset=default --action=eval')
 
 
+def test_commands_of_some_seeds(recall_settings, capsys):
+    recall.main(['--action=commands', '--preset=default', '--seeds=3,1'])
+    out = capsys.readouterr().out
+    seeds = re.findall(r'--seed=(\d+)', out)
+    assert sorted(set(seeds)) == ['1', '3'] and len(seeds) == 2 * len(TRAININGS)
+
+
+@pytest.mark.parametrize('seeds', ['4', '1,x', ','])
+def test_seeds_not_in_the_preset_are_one_line(recall_settings, seeds):
+    message = exit_message(recall.main, ['--action=commands', '--preset=default',
+                                         f'--seeds={seeds}'])
+    assert message == (f"seeds={seeds!r}: expected some of preset default's seeds 1,2,3, "
+                       f"comma-separated, or '' for all")
+
+
 def fake_accuracy(n_seeds, distances, window):
     rng = np.random.default_rng(0)
     return {label: {task: np.clip(np.where(np.array(distances) < window, 0.95, 0.05)
