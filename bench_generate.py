@@ -11,13 +11,15 @@ and method it generates `tokens` tokens per row after a warm-up and reports the 
 over spans of `span` tokens, and the median and 99th-percentile latency of single tokens:
 
 - graph:     SWAT.generate_tokens as sample.py runs it: the ring cache, one CUDA graph a token;
+- compiled:  the same with compile=True: the decode step compiled (fused), then recorded;
 - eager:     the same code with cuda_graph=False (every kernel launched from Python);
 - unbounded: the peer, a cache that keeps every token (torch.cat at every step, keys rotated
              at their absolute positions, the window applied by a mask): what a KV cache without
              SWAT's bound does. It lives here, not in the model: only this benchmark needs it.
 
---long_tokens=N also runs the graph path at batch 1 for N tokens and compares the latency of
-tokens around 1,000 with those around N, and the peak memory at both.
+--long_tokens=N also runs the fastest path (compiled on a GPU, graph elsewhere) at batch 1 for N
+tokens and compares the latency of tokens around 1,000 with those around N, and the peak memory
+at both.
 """
 
 import statistics
@@ -32,7 +34,8 @@ from swat import SWAT, SWATConfig, apply_rope, sample
 
 # -----------------------------------------------------------------------------
 batch_sizes = '1,8,64'  # rows generated together, comma-separated
-methods = 'graph,eager,unbounded'  # the ways of generating to time, comma-separated
+methods = ('graph,compiled,eager,unbounded' if torch.cuda.is_available()
+           else 'graph,eager,unbounded')  # the ways of generating to time, comma-separated
 tokens = 2048           # tokens per row for each measurement, after a warm-up of 64
 span = 256              # tokens/s is measured over spans of this many tokens
 long_tokens = 0         # > 0: latency at token 1,000 against token long_tokens (graph, batch 1)
@@ -40,7 +43,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # of the weights and the cache
 config_keys = ['batch_sizes', 'methods', 'tokens', 'span', 'long_tokens', 'device', 'dtype']
 # -----------------------------------------------------------------------------
-METHODS = ('graph', 'eager', 'unbounded')
+METHODS = ('graph', 'compiled', 'eager', 'unbounded')
 TIMED = 100                 # tokens timed one by one around each point of latency_at
 
 
@@ -84,7 +87,7 @@ def token_stream(model, method, prompt, n):
     if method == 'unbounded':
         return unbounded_tokens(model, prompt, n)
     return model.generate_tokens(prompt, n, temperature=1.0, top_k=200,
-                                 cuda_graph=(method == 'graph'))
+                                 cuda_graph=(method != 'eager'), compile=(method == 'compiled'))
 
 
 def measure(model, method, batch_size, n, latency_at=()):
@@ -174,11 +177,12 @@ def main(args=None):
                   f"{max(peaks.values()):.1f} |", flush=True)
     if long_tokens:
         points = (1000, long_tokens - TIMED)
-        _, latencies, peaks = measure(model, 'graph', 1, long_tokens, latency_at=points)
+        method = 'compiled' if cuda else 'graph'
+        _, latencies, peaks = measure(model, method, 1, long_tokens, latency_at=points)
         for where in points:
             near = [t for t in latencies if abs(t - where) <= TIMED // 2]
             ms = [latencies[t] for t in near]
-            print(f"graph, batch 1, the {TIMED} tokens around {where:,}: p50 "
+            print(f"{method}, batch 1, the {TIMED} tokens around {where:,}: p50 "
                   f"{percentile(ms, 0.5):.3f} ms, p99 {percentile(ms, 0.99):.3f} ms, peak "
                   f"{max(peaks[t] for t in near):.1f} MiB")
 

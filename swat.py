@@ -169,6 +169,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.slot_position = torch.full(shape[3:4], -1, device=device)      # (S,)
         self.position = torch.zeros((), dtype=torch.long, device=device)    # of the next token
+        self.next_slot = torch.zeros(1, dtype=torch.long, device=device)    # the slot it goes to
         # RoPE for every distance a key can have: 0 .. s + w - 1
         self.rope = (rope_cos_sin(torch.arange(sink_tokens + config.window, device=device), D,
                                   config.rope_base) if config.rope else None)
@@ -198,7 +199,7 @@ class KVCache:
         rotation that takes each slot's key back by its distance, (cos, -sin), (S, D) each
         (None without RoPE): one table for every layer."""
         p = self.position
-        self.next_slot = self.slot(p).view(1)
+        self.next_slot.copy_(self.slot(p).view(1))
         self.slot_position.index_copy_(0, self.next_slot, p.view(1))
         sink_distance = p.clamp(max=self.sinks + self.window - 1) - self.slot_position[:self.sinks]
         distance = torch.cat([sink_distance, p - self.slot_position[self.sinks:]])
@@ -717,7 +718,7 @@ class SWAT(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, sink_tokens=0,
-                        cuda_graph=True):
+                        cuda_graph=True, compile=False):
         """Yield max_new_tokens sampled tokens, each (B, 1), one per step, after the prompt idx.
 
         temperature divides the logits: 1 samples the model's distribution, below 1 sharpens
@@ -727,7 +728,11 @@ class SWAT(nn.Module):
 
         On a GPU the decode step (every layer, and the sampling) is recorded as one CUDA graph
         after its first run and replayed for every later token: one launch instead of hundreds
-        of small kernels, each queued by Python. cuda_graph=False runs it eagerly, as a CPU does."""
+        of small kernels, each queued by Python. cuda_graph=False runs it eagerly, as a CPU does.
+        compile=True first compiles the decode step (torch.compile): its elementwise work (RoPE,
+        the bias, the sigmoid, the norms, GELU, the residual adds) fused into a few kernels, so
+        the graph holds about a third as many. The compiling takes tens of seconds, once per
+        batch size and process: it pays for long generations, not for a few hundred tokens."""
         # checked once for the whole generation: the one sync of the range check costs nothing
         check_token_ids('idx', idx, self.config.vocab_size)
         if not (is_int(max_new_tokens) and max_new_tokens >= 0):
@@ -744,8 +749,13 @@ class SWAT(nn.Module):
         token = sample(self.prefill(idx, cache), temperature, top_k)
         yield token
 
+        # one graph of the whole step, no Python between the layers; the cache's attributes
+        # never change (only their contents), so one compile serves every cache of a batch size
+        decode = torch.compile(self.decode, fullgraph=True, dynamic=False) if compile \
+            else self.decode
+
         def step(token):
-            return sample(self.decode(token, cache), temperature, top_k)
+            return sample(decode(token, cache), temperature, top_k)
 
         if cuda_graph and idx.is_cuda:
             step = CUDAGraphStep(step)

@@ -924,6 +924,27 @@ def test_cuda_graph_generation_is_the_eager_generation(attn, sinks):
 
 
 @pytest.mark.usefixtures('reference_attention')
+@needs_gpu
+def test_a_compiled_decode_step_gives_the_eager_tokens():
+    """compile=True (the step compiled, then recorded) gives the eager step's tokens, greedy and
+    sampled with one seed, in float32, over more than 3 windows; and a second generation, with
+    a new cache and another prompt, reuses the compiled step."""
+    torch.manual_seed(0)
+    model = SWAT(tiny_config()).cuda().eval()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for temperature, prompt_length in ((0, 13), (1.0, 5)):
+        prompt = torch.randint(0, 101, (4, prompt_length), device='cuda')
+        runs = []
+        for compile in (True, False):
+            torch.manual_seed(7)
+            runs.append(torch.cat(list(model.generate_tokens(
+                prompt, 50, temperature=temperature, compile=compile)), 1))
+        assert torch.equal(*runs), temperature
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
+
+
+@pytest.mark.usefixtures('reference_attention')
 def test_rope_is_exact_far_out():
     """q at p and k at p - d score as q at d and k at 0, even at p = 2^24 + 7: rope_cos_sin
     computes the angles in float64. In float32, p itself is not representable any more."""
@@ -2296,7 +2317,8 @@ def test_sample_prints_each_sample_whole(softmax_checkpoint, tmp_path, capsys, n
     lines = out.splitlines()
     assert lines.count(SEPARATOR) == num_samples
     assert out.count('\nROMEO:') == num_samples            # each sample, whole
-    assert re.fullmatch(rf'{40 * num_samples} tokens in [\d.]+ s: [\d.]+ tokens/s', lines[-1])
+    assert re.fullmatch(rf'{40 * num_samples} tokens in [\d.]+ s: [\d.]+ tokens/s '
+                        rf'\(the first after [\d.]+ s\)', lines[-1])
 
 @slow
 def test_sample_errors(tmp_path):
@@ -2344,7 +2366,8 @@ def test_sample_streams_what_generate_samples(tmp_path, capsys):
     ids = model.generate(torch.tensor([enc.encode('ROMEO:')]), 64,
                          temperature=sample.temperature, top_k=sample.top_k)
     assert printed.endswith('\n' + sample.decode(enc, ids[0].tolist()) + '\n')
-    assert re.fullmatch(r'64 tokens in [\d.]+ s: [\d.]+ tokens/s\n', stats)
+    assert re.fullmatch(r'64 tokens in [\d.]+ s: [\d.]+ tokens/s \(the first after [\d.]+ s\)\n',
+                        stats)
 
 
 @pytest.mark.usefixtures('script_state')
@@ -3540,7 +3563,7 @@ def test_check_device_names_what_is_not_here(device, message):
 @pytest.mark.parametrize('args, message', [
     (['--batch_sizes=1,a'], "batch_sizes='1,a': expected comma-separated integers"),
     (['--batch_sizes=8,0'], "batch_sizes='8,0': every batch size must be 1 or more"),
-    (['--methods=graph,fast'], "methods='graph,fast': expected some of graph, eager, unbounded"),
+    (['--methods=graph,fast'], "methods='graph,fast': expected some of graph, compiled, eager, unbounded"),
     (['--span=0'], 'span=0: expected 1 or more'),
     (['--tokens=300', '--span=256'], 'tokens=300 with span=256: expected tokens >= 2 * span + '
                                      '100'),
