@@ -137,26 +137,38 @@ def main(args=None):
     x = x.expand(num_samples, -1)                                             # (num_samples, T)
     settings = dict(temperature=temperature, top_k=top_k if top_k > 0 else None,
                     sink_tokens=sink_tokens)
+    first = []                  # when the first tokens were ready: after the prompt's reading
+
+    def noting_the_first(tokens):
+        for i, token in enumerate(tokens):
+            if i == 0:
+                synchronize(device)
+                first.append(time.perf_counter() - t0)
+            yield token
+
     with torch.no_grad():
         synchronize(device)
         t0 = time.perf_counter()
+        tokens = noting_the_first(model.generate_tokens(x, max_new_tokens, **settings))
         if num_samples == 1:
             # stream: print each piece of text as soon as its token is sampled
             print(decode(enc, start_ids), end='', flush=True)
-            tokens = model.generate_tokens(x, max_new_tokens, **settings)    # each (1, 1)
-            for text in decode_stream(enc, (token.item() for token in tokens)):
+            for text in decode_stream(enc, (token.item() for token in tokens)):   # each (1, 1)
                 print(text, end='', flush=True)
             print()
             print(SEPARATOR)
         else:
-            y = model.generate(x, max_new_tokens, **settings)
+            y = torch.cat([x, *tokens], dim=1)                  # (num_samples, T + max_new_tokens)
             for k in range(num_samples):
                 print(decode(enc, y[k].tolist()))
                 print(SEPARATOR)
         synchronize(device)
         dt = time.perf_counter() - t0
+    # the first tokens wait for the prompt's reading (and, on a GPU, the kernels' tuning); the
+    # others, one step each, for the recording of the step's CUDA graph and its replays
+    after = f" (the first after {first[0]:.2f} s)" if first else ''
     print(f"{num_samples * max_new_tokens} tokens in {dt:.2f} s: "
-          f"{num_samples * max_new_tokens / dt:.1f} tokens/s")
+          f"{num_samples * max_new_tokens / dt:.1f} tokens/s{after}")
 
 
 if __name__ == '__main__':
