@@ -27,6 +27,7 @@ Times are medians of triton.testing.do_bench. Effective TFLOP/s count only the (
 pairs a method attends to: forward 4 * B * H * D * pairs, backward 2.5 x forward.
 """
 
+import statistics
 import sys
 
 import torch
@@ -47,6 +48,8 @@ tokens = 32768          # B * T for the six shapes
 seq_len = 16384         # T for the six shapes (B = tokens / T)
 sweep_window = 512      # the window of the length sweep ...
 sweep_lengths = '1024,2048,4096,8192,16384,32768,65536'  # ... at these T; '' for no sweep
+repeats = 3             # forward+backward ms: the median of this many do_bench medians, shown
+                        # with their spread (min-max), so that the host's noise shows
 mode = 'attention'      # 'attention': the kernel and its peers; 'train': whole training steps;
                         # 'loss': the output layer and its cross-entropy
 train_lengths = '4096,16384'  # --mode=train: the sequence lengths, comma-separated
@@ -59,7 +62,7 @@ train_profile = True    # --mode=train: where a step's GPU time goes, from the p
 fused_loss = True       # swat.FUSED_LOSS in --mode=train: the loss's elementwise work compiled
 loss_rows = 32768       # rows of the loss in --mode=loss
 loss_chunks = '1024,2048,4096'  # chunk sizes of the chunked loss in --mode=loss
-SETTINGS = ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths', 'mode',
+SETTINGS = ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths', 'repeats', 'mode',
             'train_lengths', 'train_window', 'train_tokens', 'train_compile', 'train_shape',
             'train_graph', 'train_profile', 'fused_loss',
             'loss_rows', 'loss_chunks']
@@ -96,6 +99,8 @@ def apply_settings(args):
     for key in ('sweep_window', 'train_window'):
         if globals()[key] < 1:
             raise SystemExit(f"{key}={globals()[key]}: expected a window of 1 or more")
+    if repeats < 3:
+        raise SystemExit(f"repeats={repeats}: expected 3 or more (a median and a spread)")
     if not torch.cuda.is_available():
         raise SystemExit("bench.py times GPU kernels and needs a CUDA GPU, but torch sees none "
                          "here; on a CPU, python bench_generate.py --device=cpu times generation")
@@ -131,24 +136,43 @@ def sdpa_causal(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def swat_method(slopes, window):
+    return lambda q, k, v: swat_attention(q, k, v, slopes, window)
+
+
+def forward_backward(fn, q, k, v, do):
+    """The gradients of fn(q, k, v) in q, k and v for the output's gradient do: returned, not
+    added into .grad, so that no call has anything to reset."""
+    return torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+
+
+def repeated_ms(fn):
+    """`repeats` times of fn(), in ms, each the median of a do_bench."""
+    return [triton.testing.do_bench(fn, return_mode='median') for _ in range(repeats)]
+
+
+def spread(times):
+    """(median, min, max) of the repeats' times."""
+    return statistics.median(times), min(times), max(times)
+
+
+def ms_spread(times):
+    """The repeats' times as 'median (min-max)', in ms."""
+    median, fastest, slowest = spread(times)
+    return f"{median:.3f} ({fastest:.3f}-{slowest:.3f})"
+
+
 def measure(fn, q, k, v):
-    """(forward ms, forward+backward ms, peak extra MiB of forward+backward)."""
+    """(forward ms, forward+backward ms of each repeat, peak extra MiB of forward+backward)."""
     do = torch.randn_like(q)
-
-    def forward_backward():
-        fn(q, k, v).backward(do)
-
     forward_ms = triton.testing.do_bench(lambda: fn(q, k, v), return_mode='median')
-    forward_backward_ms = triton.testing.do_bench(forward_backward, grad_to_none=[q, k, v],
-                                                  return_mode='median')
-    q.grad = k.grad = v.grad = None
+    forward_backward_ms = repeated_ms(lambda: forward_backward(fn, q, k, v, do))
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    forward_backward()
+    forward_backward(fn, q, k, v, do)
     torch.cuda.synchronize()
     peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-    q.grad = k.grad = v.grad = None
     return forward_ms, forward_backward_ms, peak_mib
 
 
@@ -161,47 +185,96 @@ def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+HEADS = ((64, 12), (128, 8))     # (D, H): the six shapes are these with each of WINDOWS
+WINDOWS = (128, 512, 2048)
+
+
+def six_shapes():
+    """For each of the six shapes: w, (q, k, v) and the methods, {name: (fn(q, k, v), the
+    window it attends)}, swat first."""
+    B, T = tokens // seq_len, seq_len
+    for D, H in HEADS:
+        slopes = alibi_slopes(H).cuda()
+        for w in WINDOWS:
+            flex_sigmoid, flex_softmax = flex_peers(slopes, w, T)
+            methods = {'swat': (swat_method(slopes, w), w), 'flex sigmoid': (flex_sigmoid, w),
+                       'flex softmax': (flex_softmax, w), 'sdpa causal': (sdpa_causal, T)}
+            yield w, random_qkv(B, H, T, D), methods
+
+
+def forward_flops(q, window):
+    """The forward's effective FLOPs: 4 * B * H * D * the (query, key) pairs attended."""
+    B, H, T, D = q.shape
+    return 4 * B * H * D * attended_pairs(T, window)
+
+
+def vs_swat(ms, swat_ms):
+    """The ratio column: ms over swat's ms; '-' where swat has no time."""
+    return '-' if swat_ms is None else f"{ms / swat_ms:.2f}x"
+
+
+SHAPE_HEADER = f"{'D':>4} {'H':>3} {'w':>5} | {'method':<13} | "
+LAUNCHED_HEADER = SHAPE_HEADER + (f"{'fwd ms':>7} {'fwd+bwd ms (min-max)':>22} | "
+                                  f"{'fwd TF/s':>8} {'f+b TF/s':>8} | {'peak MiB':>8} | "
+                                  f"{'f+b vs swat':>11}")
+
+
+def shape_cells(q, w, name):
+    B, H, T, D = q.shape
+    return f"{D:>4} {H:>3} {w:>5} | {name:<13} | "
+
+
+def launched_row(q, w, name, flops, forward_ms, forward_backward_ms, peak_mib, swat_ms):
+    """A row of the table of methods launched from Python; the ratio from the medians."""
+    median = spread(forward_backward_ms)[0]
+    return shape_cells(q, w, name) + (
+        f"{forward_ms:7.3f} {ms_spread(forward_backward_ms):>22} | "
+        f"{flops / forward_ms / 1e9:8.1f} {3.5 * flops / median / 1e9:8.1f} | "
+        f"{peak_mib:8.0f} | {vs_swat(median, swat_ms):>11}")
+
+
+def print_header(header):
+    print(header)
+    print('-' * len(header))
+
+
+def launched_table():
+    print(f"launched from Python, kernel by kernel, as a training step without a CUDA graph "
+          f"runs them (the host's time shows where the GPU waits for it): forward ms, a do_bench "
+          f"median;\nforward+backward ms, the median of {repeats} do_bench medians and their "
+          f"spread (min-max); the ratio column from the medians")
+    print_header(LAUNCHED_HEADER)
+    for w, (q, k, v), methods in six_shapes():
+        error = relative_error(methods['swat'][0](q, k, v), methods['flex sigmoid'][0](q, k, v))
+        times = {name: measure(fn, q, k, v) for name, (fn, _) in methods.items()}
+        swat_ms = spread(times['swat'][1])[0]
+        for name, (_, attended) in methods.items():
+            print(launched_row(q, w, name, forward_flops(q, attended), *times[name], swat_ms))
+        print(f"{'':>14} | swat vs flex sigmoid output: relative error {error:.1e}")
+        if w == WINDOWS[-1]:
+            print()                     # a blank line after each head size
+
+
+def length_sweep():
+    print(f"length sweep, w = {sweep_window}, B = 1, H = 12, D = 64: forward+backward ms "
+          f"(medians of {repeats})")
+    print(f"{'T':>6} | {'swat':>8} | {'sdpa causal':>11} | {'sdpa / swat':>11}")
+    swat = swat_method(alibi_slopes(12).cuda(), sweep_window)
+    for T in map(int, sweep_lengths.split(',')):
+        q, k, v = random_qkv(1, 12, T, 64)
+        swat_ms, sdpa_ms = (spread(measure(fn, q, k, v)[1])[0] for fn in (swat, sdpa_causal))
+        print(f"{T:>6} | {swat_ms:8.3f} | {sdpa_ms:11.3f} | {sdpa_ms / swat_ms:10.2f}x")
+
+
 def main():
     torch.manual_seed(0)
     if sigmoid == 'exact':
         kernel.FAST_SIGMOID = False
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"bfloat16, B*T = {tokens}, T = {seq_len}, sigmoid = {sigmoid}\n")
-    header = (f"{'D':>4} {'H':>3} {'w':>5} | {'method':<13} | {'fwd ms':>7} {'fwd+bwd ms':>10} | "
-              f"{'fwd TF/s':>8} {'f+b TF/s':>8} | {'peak MiB':>8} | {'f+b vs swat':>11}")
-    print(header)
-    print('-' * len(header))
-    B, T = tokens // seq_len, seq_len
-    for D, H in ((64, 12), (128, 8)):
-        slopes = alibi_slopes(H).cuda()
-        for w in (128, 512, 2048):
-            q, k, v = random_qkv(B, H, T, D)
-            flex_sigmoid, flex_softmax = flex_peers(slopes, w, T)
-            error = relative_error(swat_attention(q, k, v, slopes, w), flex_sigmoid(q, k, v))
-            methods = [('swat', lambda q, k, v: swat_attention(q, k, v, slopes, w), w),
-                       ('flex sigmoid', flex_sigmoid, w), ('flex softmax', flex_softmax, w),
-                       ('sdpa causal', sdpa_causal, T)]
-            swat_fb = None
-            for name, fn, attended_window in methods:
-                fwd, fwd_bwd, peak = measure(fn, q, k, v)
-                swat_fb = swat_fb or fwd_bwd
-                flops = 4 * B * H * D * attended_pairs(T, attended_window)
-                print(f"{D:>4} {H:>3} {w:>5} | {name:<13} | {fwd:7.3f} {fwd_bwd:10.3f} | "
-                      f"{flops / fwd / 1e9:8.1f} {3.5 * flops / fwd_bwd / 1e9:8.1f} | "
-                      f"{peak:8.0f} | {fwd_bwd / swat_fb:10.2f}x")
-            print(f"{'':>14} | swat vs flex sigmoid output: relative error {error:.1e}")
-        print()
-
-    if not sweep_lengths:
-        return
-    print(f"length sweep, w = {sweep_window}, B = 1, H = 12, D = 64: forward+backward ms")
-    print(f"{'T':>6} | {'swat':>8} | {'sdpa causal':>11} | {'sdpa / swat':>11}")
-    slopes = alibi_slopes(12).cuda()
-    for T in map(int, sweep_lengths.split(',')):
-        q, k, v = random_qkv(1, 12, T, 64)
-        swat_ms = measure(lambda q, k, v: swat_attention(q, k, v, slopes, sweep_window), q, k, v)[1]
-        sdpa_ms = measure(sdpa_causal, q, k, v)[1]
-        print(f"{T:>6} | {swat_ms:8.3f} | {sdpa_ms:11.3f} | {sdpa_ms / swat_ms:10.2f}x")
+    launched_table()
+    if sweep_lengths:
+        length_sweep()
 
 
 def training_step(config, batch_size):

@@ -3601,6 +3601,7 @@ def test_bench_says_it_needs_a_gpu():
     ('--train_tokens=5000', 'train_tokens=5000 must be a multiple of each length in '
                             'train_lengths (4096)'),
     ('--sweep_window=0', 'sweep_window=0: expected a window of 1 or more'),
+    ('--repeats=2', 'repeats=2: expected 3 or more (a median and a spread)'),
 ])
 def test_bench_refuses_settings_that_cannot_work(monkeypatch, arg, message):
     """Before the GPU is looked for, and so on any machine."""
@@ -3608,3 +3609,35 @@ def test_bench_refuses_settings_that_cannot_work(monkeypatch, arg, message):
     for key in bench.SETTINGS:                  # apply_settings sets them: put them back after
         monkeypatch.setattr(bench, key, getattr(bench, key))
     assert message in exit_message(bench.apply_settings, [arg])
+
+
+def bars(line):
+    """Where a table's line has its column separators."""
+    return [i for i, c in enumerate(line) if c == '|']
+
+
+@slow                                           # importing bench sets up FlexAttention's compile
+def test_bench_spread_is_the_median_and_the_range_of_the_repeats():
+    import bench
+    assert bench.spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    assert bench.spread([4.0, 1.0, 10.0, 2.0]) == (3.0, 1.0, 10.0)    # even: the middle two's mean
+    assert bench.ms_spread([0.7531, 0.7412, 0.7604]) == '0.753 (0.741-0.760)'
+    assert bench.ms_spread([12.7231, 12.701, 12.8012]) == '12.723 (12.701-12.801)'
+
+
+@slow                                           # importing bench sets up FlexAttention's compile
+def test_bench_launched_row_takes_its_ratio_from_the_medians_under_its_header():
+    import bench
+    q = torch.empty(2, 12, 16384, 64)           # only its shape is read
+    flops = bench.forward_flops(q, 128)
+    assert flops == 4 * 2 * 12 * 64 * (128 * 129 // 2 + (16384 - 128) * 128)
+    swat_ms = bench.spread([1.0, 0.5, 9.0])[0]  # the median, 1.0, not the mean
+    row = bench.launched_row(q, 128, 'flex softmax', flops, 0.25, [2.0, 12.5, 1.5], 100.0,
+                             swat_ms)
+    assert bars(row) == bars(bench.LAUNCHED_HEADER)
+    cells = [cell.split() for cell in row.split('|')]
+    assert cells[:2] == [['64', '12', '128'], ['flex', 'softmax']]
+    assert cells[2] == ['0.250', '2.000', '(1.500-12.500)']
+    assert cells[3] == [f"{flops / 0.25 / 1e9:.1f}", f"{3.5 * flops / 2.0 / 1e9:.1f}"]
+    assert cells[4:] == [['100'], ['2.00x']]
+    assert bench.vs_swat(3.0, None) == '-'
