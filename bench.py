@@ -255,6 +255,70 @@ def launched_table():
             print()                     # a blank line after each head size
 
 
+def recorded_ms(fn, q, k, v):
+    """The forward+backward of fn recorded as a CUDA graph: `repeats` times of its replay, in ms,
+    each the median of a do_bench. Warmed up, then recorded, on a side stream, as CUDA graphs
+    need; the gradients land in the graph's own memory, the same buffers at every replay."""
+    do = torch.randn_like(q)
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # puts the stream back even where a failed recording does not
+        for _ in range(3):
+            forward_backward(fn, q, k, v, do)
+        with torch.cuda.graph(graph, stream=side):
+            forward_backward(fn, q, k, v, do)   # recorded, not run
+    torch.cuda.current_stream().wait_stream(side)
+    return repeated_ms(graph.replay)
+
+
+def first_line(error):
+    """The first line of the message of the error that started it: where one error led to
+    another (a recording that failed raises again when the graph is closed), the first one."""
+    while True:
+        earlier = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if earlier is None:
+            return (str(error).strip().splitlines() or [type(error).__name__])[0]
+        error = earlier
+
+
+def or_reason(what, measure, *args):
+    """measure(*args), or, where it raises, the one line '<what>: <its error's first line>'."""
+    try:
+        return measure(*args)
+    except Exception as error:          # one method's failure is one cell, not the end of the run
+        return f"{what}: {first_line(error)}"
+
+
+GRAPH_HEADER = SHAPE_HEADER + (f"{'fwd+bwd ms (min-max)':>22} | {'f+b TF/s':>8} | "
+                               f"{'f+b vs swat':>11}")
+
+
+def graph_row(q, w, name, flops, result, swat_ms):
+    """A row of the CUDA graph table: result is the replay's times, or why the method cannot
+    be recorded."""
+    if isinstance(result, str):
+        return shape_cells(q, w, name) + result
+    median = spread(result)[0]
+    return shape_cells(q, w, name) + (f"{ms_spread(result):>22} | "
+                                      f"{3.5 * flops / median / 1e9:8.1f} | "
+                                      f"{vs_swat(median, swat_ms):>11}")
+
+
+def graph_table():
+    print(f"inside a CUDA graph: each method's forward+backward recorded once and replayed, the "
+          f"GPU's time alone (no host time for any method); ms, the median of {repeats} do_bench "
+          f"medians of the replay\nand their spread (min-max); the ratio column from the medians")
+    print_header(GRAPH_HEADER)
+    for w, (q, k, v), methods in six_shapes():
+        times = {name: or_reason('cannot be recorded', recorded_ms, fn, q, k, v)
+                 for name, (fn, _) in methods.items()}
+        swat_ms = None if isinstance(times['swat'], str) else spread(times['swat'])[0]
+        for name, (_, attended) in methods.items():
+            print(graph_row(q, w, name, forward_flops(q, attended), times[name], swat_ms))
+        if w == WINDOWS[-1]:
+            print()                     # a blank line after each head size
+
+
 def length_sweep():
     print(f"length sweep, w = {sweep_window}, B = 1, H = 12, D = 64: forward+backward ms "
           f"(medians of {repeats})")
@@ -273,6 +337,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"bfloat16, B*T = {tokens}, T = {seq_len}, sigmoid = {sigmoid}\n")
     launched_table()
+    graph_table()
     if sweep_lengths:
         length_sweep()
 

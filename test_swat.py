@@ -3641,3 +3641,40 @@ def test_bench_launched_row_takes_its_ratio_from_the_medians_under_its_header():
     assert cells[3] == [f"{flops / 0.25 / 1e9:.1f}", f"{3.5 * flops / 2.0 / 1e9:.1f}"]
     assert cells[4:] == [['100'], ['2.00x']]
     assert bench.vs_swat(3.0, None) == '-'
+
+
+@slow                                           # importing bench sets up FlexAttention's compile
+def test_bench_a_method_that_cannot_be_recorded_is_one_cell_with_the_first_error():
+    import bench
+
+    def failed_recording():                     # as torch.cuda.graph's end raises after an error
+        try:
+            raise RuntimeError('CUDA error: operation not permitted when stream is capturing\n'
+                               'CUDA kernel errors might be asynchronously reported')
+        finally:
+            raise RuntimeError('CUDA error: operation failed due to a previous error during '
+                               'capture')
+
+    def said_again():
+        try:
+            raise KeyError('x')
+        except KeyError:
+            raise ValueError('the error a user is meant to read') from None
+
+    reason = bench.or_reason('cannot be recorded', failed_recording)
+    assert reason == ('cannot be recorded: CUDA error: operation not permitted when stream is '
+                      'capturing')
+    assert bench.or_reason('failed', said_again) == 'failed: the error a user is meant to read'
+    assert bench.or_reason('failed', lambda: 1 / 0) == 'failed: division by zero'
+    assert bench.or_reason('failed', bench.spread, [2.0, 1.0, 3.0]) == (2.0, 1.0, 3.0)
+    assert bench.first_line(AssertionError()) == 'AssertionError'
+
+    q = torch.empty(1, 8, 16384, 128)           # only its shape is read
+    flops = bench.forward_flops(q, 512)
+    assert bench.graph_row(q, 512, 'flex sigmoid', flops, reason, 1.5) == (
+        ' 128   8   512 | flex sigmoid  | ' + reason)
+    row = bench.graph_row(q, 512, 'flex softmax', flops, [3.0, 2.0, 40.0], 1.5)
+    assert bars(row) == bars(bench.GRAPH_HEADER)
+    assert [cell.split() for cell in row.split('|')[2:]] == [
+        ['3.000', '(2.000-40.000)'], [f"{3.5 * flops / 3.0 / 1e9:.1f}"], ['2.00x']]
+    assert bench.graph_row(q, 512, 'swat', flops, [1.0] * 3, None).endswith('|           -')
