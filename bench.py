@@ -29,6 +29,7 @@ pairs a method attends to: forward 4 * B * H * D * pairs, backward 2.5 x forward
 
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ sweep_window = 512      # the window of the length sweep ...
 sweep_lengths = '1024,2048,4096,8192,16384,32768,65536'  # ... at these T; '' for no sweep
 repeats = 3             # forward+backward ms: the median of this many do_bench medians, shown
                         # with their spread (min-max), so that the host's noise shows
+host_calls = 20         # forward+backward calls timed for the host's µs per call
 mode = 'attention'      # 'attention': the kernel and its peers; 'train': whole training steps;
                         # 'loss': the output layer and its cross-entropy
 train_lengths = '4096,16384'  # --mode=train: the sequence lengths, comma-separated
@@ -62,7 +64,8 @@ train_profile = True    # --mode=train: where a step's GPU time goes, from the p
 fused_loss = True       # swat.FUSED_LOSS in --mode=train: the loss's elementwise work compiled
 loss_rows = 32768       # rows of the loss in --mode=loss
 loss_chunks = '1024,2048,4096'  # chunk sizes of the chunked loss in --mode=loss
-SETTINGS = ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths', 'repeats', 'mode',
+SETTINGS = ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths', 'repeats',
+            'host_calls', 'mode',
             'train_lengths', 'train_window', 'train_tokens', 'train_compile', 'train_shape',
             'train_graph', 'train_profile', 'fused_loss',
             'loss_rows', 'loss_chunks']
@@ -101,6 +104,8 @@ def apply_settings(args):
             raise SystemExit(f"{key}={globals()[key]}: expected a window of 1 or more")
     if repeats < 3:
         raise SystemExit(f"repeats={repeats}: expected 3 or more (a median and a spread)")
+    if host_calls < 1:
+        raise SystemExit(f"host_calls={host_calls}: expected 1 or more")
     if not torch.cuda.is_available():
         raise SystemExit("bench.py times GPU kernels and needs a CUDA GPU, but torch sees none "
                          "here; on a CPU, python bench_generate.py --device=cpu times generation")
@@ -319,6 +324,62 @@ def graph_table():
             print()                     # a blank line after each head size
 
 
+GPU_HZ_AT_MOST = 3e9    # above any GPU's clock: a sleep of s * this many cycles lasts s or more
+
+
+def host_us(call, *args):
+    """The CPU time to queue one call(*args), in µs: host_calls of them timed while the GPU
+    sleeps (torch.cuda._sleep), so that no call waits for the GPU; it runs them once awake."""
+    def queue_calls():
+        start = time.perf_counter()
+        for _ in range(host_calls):
+            call(*args)
+        return time.perf_counter() - start
+
+    call(*args)                         # compile, autotune, fill the allocator's cache
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    queue_calls()
+    torch.cuda.synchronize()
+    sleep_s = 2 * (time.perf_counter() - start)     # twice the time to queue and run them
+    torch.cuda._sleep(int(sleep_s * GPU_HZ_AT_MOST))
+    woken = torch.cuda.Event()
+    woken.record()
+    queue_s = queue_calls()
+    slept_through = not woken.query()
+    torch.cuda.synchronize()
+    if not slept_through:
+        raise RuntimeError(f"the GPU woke before the {host_calls} calls were queued (a full "
+                           f"launch queue?): try a smaller host_calls")
+    return queue_s / host_calls * 1e6
+
+
+HOST_HEADER = f"{'method':<13} | {'eager host µs':>16} | {'compiled host µs':>16}"
+
+
+def host_row(name, eager_us, compiled_us):
+    """A row of the host table: each cell µs, or why it has none."""
+    cells = [us if isinstance(us, str) else f"{us:.1f}" for us in (eager_us, compiled_us)]
+    return f"{name:<13} | {cells[0]:>16} | {cells[1]:>16}"
+
+
+def host_table():
+    w, (q, k, v), methods = next(six_shapes())
+    B, H, T, D = q.shape
+    print(f"host µs per call: the CPU time to queue one forward+backward, {host_calls} calls "
+          f"timed while the GPU sleeps, so that none waits for it; D = {D}, H = {H}, w = {w}\n"
+          f"eager: each method as in the tables above (FlexAttention's call compiled alone, as it "
+          f"must be); compiled: its forward+backward in one torch.compile'd function")
+    print_header(HOST_HEADER)
+    compiled_forward_backward = torch.compile(forward_backward)
+    do = torch.randn_like(q)
+    for name, (fn, _) in methods.items():
+        eager_us = or_reason('failed', host_us, forward_backward, fn, q, k, v, do)
+        compiled_us = or_reason('failed', host_us, compiled_forward_backward, fn, q, k, v, do)
+        print(host_row(name, eager_us, compiled_us))
+    print()
+
+
 def length_sweep():
     print(f"length sweep, w = {sweep_window}, B = 1, H = 12, D = 64: forward+backward ms "
           f"(medians of {repeats})")
@@ -338,6 +399,7 @@ def main():
           f"bfloat16, B*T = {tokens}, T = {seq_len}, sigmoid = {sigmoid}\n")
     launched_table()
     graph_table()
+    host_table()
     if sweep_lengths:
         length_sweep()
 

@@ -3602,6 +3602,7 @@ def test_bench_says_it_needs_a_gpu():
                             'train_lengths (4096)'),
     ('--sweep_window=0', 'sweep_window=0: expected a window of 1 or more'),
     ('--repeats=2', 'repeats=2: expected 3 or more (a median and a spread)'),
+    ('--host_calls=0', 'host_calls=0: expected 1 or more'),
 ])
 def test_bench_refuses_settings_that_cannot_work(monkeypatch, arg, message):
     """Before the GPU is looked for, and so on any machine."""
@@ -3678,3 +3679,48 @@ def test_bench_a_method_that_cannot_be_recorded_is_one_cell_with_the_first_error
     assert [cell.split() for cell in row.split('|')[2:]] == [
         ['3.000', '(2.000-40.000)'], [f"{3.5 * flops / 3.0 / 1e9:.1f}"], ['2.00x']]
     assert bench.graph_row(q, 512, 'swat', flops, [1.0] * 3, None).endswith('|           -')
+
+
+@slow                                           # importing bench sets up FlexAttention's compile
+def test_bench_host_time_is_taken_while_the_gpu_sleeps_and_says_when_it_woke(monkeypatch):
+    """host_us on stand-ins for the GPU's calls: the sleep is queued before the timed calls, it
+    lasts longer than they do, and nothing waits for the GPU until they are all queued."""
+    import bench
+    events, woke = [], False
+
+    class Event:
+        def record(self):
+            events.append('woken')
+
+        def query(self):
+            return woke
+
+    monkeypatch.setattr(bench.torch.cuda, 'synchronize', lambda: events.append('sync'))
+    monkeypatch.setattr(bench.torch.cuda, '_sleep', lambda cycles: events.append(cycles))
+    monkeypatch.setattr(bench.torch.cuda, 'Event', Event)
+    monkeypatch.setattr(bench, 'host_calls', 5)
+
+    def call(x):
+        events.append(x)
+        time.sleep(0.002)
+
+    us = bench.host_us(call, 'call')
+    cycles = events[8]
+    assert events == ['call', 'sync'] + ['call'] * 5 + ['sync', cycles, 'woken'] + \
+        ['call'] * 5 + ['sync']
+    assert isinstance(cycles, int) and cycles >= 2 * 5 * 0.002 * bench.GPU_HZ_AT_MOST
+    assert 2000 <= us < 2000 + 1e5              # 2 ms a call, and the loop's own time
+    woke = True
+    assert bench.or_reason('failed', bench.host_us, call, 'call') == (
+        'failed: the GPU woke before the 5 calls were queued (a full launch queue?): try a '
+        'smaller host_calls')
+
+
+@slow                                           # importing bench sets up FlexAttention's compile
+def test_bench_host_row_has_a_cell_for_each_time_or_its_reason():
+    import bench
+    row = bench.host_row('flex softmax', 123.456, 87.04)
+    assert bars(row) == bars(bench.HOST_HEADER)
+    assert [cell.strip() for cell in row.split('|')] == ['flex softmax', '123.5', '87.0']
+    assert bench.host_row('swat', 41.0, 'failed: backend compiler failed') == (
+        'swat          |             41.0 | failed: backend compiler failed')
