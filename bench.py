@@ -6,6 +6,22 @@ Times swat_attention next to the attention a user would otherwise reach for, on 
     python bench.py --mode=train         # training throughput of a GPT-2-small-sized model
     python bench.py --mode=loss          # the output layer and its cross-entropy alone
 
+The default, --mode=attention, times the six shapes (D, H) = (64, 12), (128, 8) with w = 128,
+512, 2048, at B * T = tokens, in three tables:
+- launched from Python: forward ms and forward+backward ms, every kernel launched from Python
+  as in a training step without a CUDA graph, so the host's time counts wherever the GPU waits
+  for it. Forward+backward is the median of `repeats` do_bench medians, shown with their spread
+  (min-max): a wide spread is noise, most often from the host.
+- inside a CUDA graph: each method's forward+backward recorded once as a CUDA graph and
+  replayed, timed the same way: the GPU's time alone, the host's removed for every method
+  alike. A method that cannot be recorded says why in its row.
+- host µs per call, at the first shape: the CPU time to queue one forward+backward, eager and
+  as one torch.compile'd function, host_calls calls timed while the GPU sleeps
+  (torch.cuda._sleep) so that none waits for it.
+The ratio columns are each method's forward+backward ms over swat's, from the medians: the flex
+rows say how much faster swat is than Flex sigmoid and Flex softmax SWA. Then the length sweep:
+swat and SDPA, w = sweep_window, at each T of sweep_lengths.
+
 --mode=train times whole training steps of a 12-layer, 12-head, 768-wide model (train_shape;
 forward, backward, fused AdamW, bfloat16 autocast, each block compiled on its own and the step
 recorded as a CUDA graph, as train.py runs them on one GPU; --train_compile=model compiles the
@@ -23,8 +39,10 @@ Peers, all in bfloat16, in the same run:
                  a sliding-window block mask, and out * exp(lse) to undo the softmax normaliser.
 - flex softmax:  FlexAttention softmax sliding-window attention with the same ALiBi term.
 - sdpa causal:   F.scaled_dot_product_attention, full causal attention (FlashAttention).
-Times are medians of triton.testing.do_bench. Effective TFLOP/s count only the (query, key)
-pairs a method attends to: forward 4 * B * H * D * pairs, backward 2.5 x forward.
+Times are medians of triton.testing.do_bench (which empties the L2 cache before each run); a
+forward+backward is autograd's gradients of q, k and v for a fixed output gradient. Effective
+TFLOP/s count only the (query, key) pairs a method attends to: forward 4 * B * H * D * pairs,
+backward 2.5 x forward.
 """
 
 import statistics
