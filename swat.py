@@ -807,16 +807,19 @@ class CUDAGraphStep:
         # ordinary run (lazy initialisation, compilation, autotuning, cuBLAS workspaces, an
         # optimizer's first state), and off the default stream; autograd's backward runs on the
         # stream of its forward, so the run and the recording share that side stream.
+        # Autocast's cache of cast weights would live outside the graph: it is off for the
+        # recording, and for the first run too, so that a compiled step sees the same settings
+        # both times (torch.compile would compile it again, while recording, if they changed).
+        def no_autocast_cache():
+            return torch.autocast('cuda', enabled=torch.is_autocast_enabled('cuda'),
+                                  dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), no_autocast_cache():
             output = self.step(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         # Recording runs nothing: the kernels of one step, on these buffers, are only noted down.
-        # Autocast's cache of cast weights would live outside the graph: turn it off here.
         self.inputs, self.graph = [x.clone() for x in inputs], torch.cuda.CUDAGraph()
-        with torch.autocast('cuda', enabled=torch.is_autocast_enabled('cuda'),
-                            dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False):
-            with torch.cuda.graph(self.graph, stream=side):
-                self.output = self.step(*self.inputs)
+        with no_autocast_cache(), torch.cuda.graph(self.graph, stream=side):
+            self.output = self.step(*self.inputs)
         return output
