@@ -142,8 +142,6 @@ def swat_attention_reference(q, k, v, slopes, window, scale=None, chunk_size=256
 #             dq = scale * ds k,  dk = scale * ds^T q   (p recomputed from q and k)
 # The backward runs as two kernels without atomics: one program per key block accumulates
 # dk and dv over the query blocks that see it, one program per query block accumulates dq.
-# With DQ_BY_ATOMICS it runs as one: the program per key block also adds its share of dq into a
-# float32 buffer by atomics, and the weights are recomputed once instead of twice.
 #
 # Work is O(T * w): a tile of queries visits only the key blocks its window reaches. Those
 # blocks fall into three runs: blocks cut by the window's far edge (masked), blocks that every
@@ -398,75 +396,6 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, scale, T, H, WINDOW,
              mask=in_seq)
 
 
-@triton.jit
-def _dkdvdq_tiles(dk, dv, k, k_t, v, Q, DO, DQ, stride_qt, stride_dot, stride_dqt, slope, scale,
-                  offs_n, m_lo, m_hi, T, WINDOW, BLOCK_M: tl.constexpr, D: tl.constexpr,
-                  MASKED: tl.constexpr, FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # _dkdv_tiles, plus each tile's share of dq, ds k for these queries and keys, added into DQ:
-    # the other key blocks these queries see add theirs too, in whatever order they run.
-    offs_d = tl.arange(0, D)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        in_seq = offs_m < T
-        q_t = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        distance_t = offs_m[None, :] - offs_n[:, None]
-        p_t = _weights(k, q_t, distance_t, slope, scale, WINDOW, MASKED, FAST_SIGMOID, DOT_PRECISION)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = (dp_t * p_t * (1.0 - p_t)).to(q_t.dtype)
-        dk = tl.dot(ds_t, tl.trans(q_t), dk, input_precision=DOT_PRECISION)
-        # as dq^T = k^T ds^T: k^T is transposed once per program, not tl.trans(ds_t) once per tile
-        dq_t = tl.dot(k_t, ds_t, input_precision=DOT_PRECISION)
-        # relaxed: a sum needs no ordering against other memory, only the atomicity of each add
-        tl.atomic_add(DQ + offs_m[None, :] * stride_dqt + offs_d[:, None], dq_t, mask=in_seq[None, :],
-                      sem='relaxed')
-    return dk, dv
-
-
-@triton.jit(do_not_specialize=['T', 'WINDOW'])  # one compile for every length and window
-def _dkdvdq_kernel(Q, K, V, DO, DK, DV, DQ, Slopes, scale, T, H, WINDOW,
-                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                   stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-                   stride_gb, stride_gh, stride_gt, stride_dqb, stride_dqh, stride_dqt,
-                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The whole backward in one pass: what _dkdv_kernel does, and the unscaled dq added into DQ,
-    a float32 buffer that the caller zeroes before and scales after."""
-    n0 = tl.program_id(0) * BLOCK_N
-    Q = _at_head(Q, stride_qb, stride_qh, H)
-    K = _at_head(K, stride_kb, stride_kh, H)
-    V = _at_head(V, stride_vb, stride_vh, H)
-    DO = _at_head(DO, stride_dob, stride_doh, H)
-    DK = _at_head(DK, stride_gb, stride_gh, H)          # dk and dv: one layout
-    DV = _at_head(DV, stride_gb, stride_gh, H)
-    DQ = _at_head(DQ, stride_dqb, stride_dqh, H)
-    slope = tl.load(Slopes + tl.program_id(1) % H)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    in_seq = offs_n[:, None] < T
-    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
-    k_t = tl.trans(k)
-    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
-
-    dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
-    lo, mid_lo, mid_hi, hi = _query_block_runs(n0, T, WINDOW, BLOCK_M, BLOCK_N)
-    dk, dv = _dkdvdq_tiles(dk, dv, k, k_t, v, Q, DO, DQ, stride_qt, stride_dot, stride_dqt, slope,
-                           scale, offs_n, lo, mid_lo, T, WINDOW, BLOCK_M, D, True, FAST_SIGMOID,
-                           DOT_PRECISION)
-    dk, dv = _dkdvdq_tiles(dk, dv, k, k_t, v, Q, DO, DQ, stride_qt, stride_dot, stride_dqt, slope,
-                           scale, offs_n, mid_lo, mid_hi, T, WINDOW, BLOCK_M, D, False, FAST_SIGMOID,
-                           DOT_PRECISION)
-    dk, dv = _dkdvdq_tiles(dk, dv, k, k_t, v, Q, DO, DQ, stride_qt, stride_dot, stride_dqt, slope,
-                           scale, offs_n, mid_hi, hi, T, WINDOW, BLOCK_M, D, True, FAST_SIGMOID,
-                           DOT_PRECISION)
-    tl.store(DK + offs_n[:, None] * stride_gt + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=in_seq)
-    tl.store(DV + offs_n[:, None] * stride_gt + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=in_seq)
-
-
 # -----------------------------------------------------------------------------
 # Launchers. Each kernel has one small configuration and a list of fast ones, each written
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The small one runs under the interpreter (its
@@ -480,18 +409,14 @@ PINNED = None   # None: autotune, as above. An index i: run the i-th fast config
 
 
 class _Launcher:
-    """A kernel with its configurations: launcher[grid](dtype, config, *args, **kwargs).
-    reset_to_zero names the arguments the kernel adds into rather than writes: the autotuner
-    times each configuration on the real arguments, so it zeroes those before every timing run
-    and once more before the run that counts."""
+    """A kernel with its configurations: launcher[grid](dtype, config, *args, **kwargs)."""
 
-    def __init__(self, kernel, small, fast, reset_to_zero=()):
+    def __init__(self, kernel, small, fast):
         self.kernel, self.small, self.fast = kernel, small, fast
         configs = [triton.Config({'BLOCK_M': block_m, 'BLOCK_N': block_n}, num_warps=num_warps,
                                  num_stages=num_stages)
                    for block_m, block_n, num_warps, num_stages in fast]
-        self.autotuned = triton.autotune(configs=configs, key=['D', 'WINDOW'],
-                                         reset_to_zero=list(reset_to_zero))(kernel)
+        self.autotuned = triton.autotune(configs=configs, key=['D', 'WINDOW'])(kernel)
 
     def __getitem__(self, grid):
         def launch(dtype, config, *args, **kwargs):
@@ -518,23 +443,11 @@ _dkdv = _Launcher(_dkdv_kernel, small=(16, 32, 4, 1),
 _dq = _Launcher(_dq_kernel, small=(32, 16, 4, 1),
                 fast=[(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
                       (128, 32, 8, 4), (64, 32, 4, 4)])
-_dkdvdq = _Launcher(_dkdvdq_kernel, small=(16, 32, 4, 1),
-                    fast=[(32, 128, 8, 3), (16, 128, 8, 3), (64, 128, 8, 2),
-                          (32, 64, 4, 3), (64, 64, 8, 3)],
-                    reset_to_zero=['DQ'])
 FAST_CONFIGS = len(_forward.fast)       # every kernel has this many
 
 
 FAST_SIGMOID = True     # 16-bit inputs on the GPU: tanh.approx (bench.py measures both)
 EXACT_FLOAT32 = True    # float32 inputs: exact float32 dots; False: tf32 on the tensor cores
-DQ_BY_ATOMICS = False   # True: the backward in one pass, as FlashAttention-2 runs it. The dk/dv
-                        # pass also adds each tile's share of dq into a float32 (B, H, T, D) buffer
-                        # with atomic adds, so the weights and do v^T are computed once, not twice:
-                        # 5 tile matmuls instead of 7. The cost: the adds land in whatever order
-                        # the programs run, so dq is not bit-reproducible from run to run; the
-                        # buffer is extra memory (twice a 16-bit dq), zeroed before the kernel and
-                        # scaled into dq after it, two more passes over it. Off unless a GPU
-                        # measures it faster.
 
 
 def _dot_precision(dtype):
@@ -567,21 +480,13 @@ def swat_forward(q, k, v, slopes, window, scale, out, config=None):
     return out
 
 
-def swat_backward(do, q, k, v, slopes, window, scale, dq, dk, dv, config=None, dq_by_atomics=None):
+def swat_backward(do, q, k, v, slopes, window, scale, dq, dk, dv, config=None):
     """Write the gradients of q, k, v into dq, dk, dv (dk and dv must share their strides).
-    config: as for swat_forward. dq_by_atomics: the one-pass backward (True) or the two passes
-    (False); None: as DQ_BY_ATOMICS."""
+    config: as for swat_forward."""
     B, H, T, D = q.shape
     window = min(window, T)
     flags = _kernel_flags(q.dtype)
     grid = lambda meta: (triton.cdiv(T, meta['BLOCK_N']), B * H)
-    if DQ_BY_ATOMICS if dq_by_atomics is None else dq_by_atomics:
-        # zeroed here, inside the operator: a CUDA graph of the backward zeroes it on every replay
-        dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        _dkdvdq[grid](q.dtype, config, q, k, v, do, dk, dv, dq_sum, slopes, scale, T, H, window,
-                      *_strides(q, k, v, do, dk, dq_sum), D=D, **flags)
-        torch.mul(dq_sum, scale, out=dq)                # scaled and cast in one pass
-        return dq, dk, dv
     _dkdv[grid](q.dtype, config, q, k, v, do, dk, dv, slopes, scale, T, H, window,
                 *_strides(q, k, v, do, dk), D=D, **flags)
     grid = lambda meta: (triton.cdiv(T, meta['BLOCK_M']), B * H)

@@ -225,19 +225,16 @@ def check_against_ground_truth(B, H, T, D, window, dtype, sign):
 CANDIDATE_SHAPE = (2, 3, 1000, 64, 300)
 
 
-LAUNCHES = ['forward', 'backward', 'one-pass backward']
-
-
-def compile_kernels(D, dtype, config, launch):
-    """Launch the forward kernel, the two backward ones or the one-pass backward (one of
-    LAUNCHES) once for head size D, dtype and config: the first launch compiles them."""
+def compile_kernels(D, dtype, config, backward):
+    """Launch the forward kernel, or the two backward ones, once for head size D, dtype and
+    config: the first launch compiles them."""
     q, k, v, do = (torch.randn(1, 2, 16, D, dtype=dtype, device=DEVICE) for _ in range(4))
     slopes, scale = random_slopes(2), D ** -0.5
-    if launch == 'forward':
-        swat_forward(q, k, v, slopes, 8, scale, torch.empty_like(q), config)
-    else:
+    if backward:
         swat_backward(do, q, k, v, slopes, 8, scale, *(torch.empty_like(q) for _ in range(3)),
-                      config, dq_by_atomics=launch == 'one-pass backward')
+                      config)
+    else:
+        swat_forward(q, k, v, slopes, 8, scale, torch.empty_like(q), config)
 
 
 @pytest.fixture(scope='module')
@@ -251,20 +248,13 @@ def compiled_kernels():
     kernels = {(D, dtype, kernel.PINNED) for *_, D, _ in SHAPES for dtype in DTYPES}
     kernels |= {(CANDIDATE_SHAPE[3], torch.bfloat16, i) for i in range(kernel.FAST_CONFIGS)}
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        jobs = [pool.submit(compile_kernels, *k, launch) for k in kernels for launch in LAUNCHES]
+        jobs = [pool.submit(compile_kernels, *k, backward) for k in kernels
+                for backward in (False, True)]
         for job in jobs:
             job.result()                # re-raises a failure
 
 
-@pytest.fixture(params=[False, True], ids=['dq-pass', 'dq-atomics'])
-def dq_by_atomics(request, monkeypatch):
-    """The test runs with each backward: dq in a pass of its own, and dq added up by atomics in
-    the dk/dv pass (kernel.DQ_BY_ATOMICS). Returns the flag."""
-    monkeypatch.setattr(kernel, 'DQ_BY_ATOMICS', request.param)
-    return request.param
-
-
-@pytest.mark.usefixtures('compiled_kernels', 'dq_by_atomics')
+@pytest.mark.usefixtures('compiled_kernels')
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
 @pytest.mark.parametrize('B, H, T, D, window', SHAPES)
 def test_kernel_matches_ground_truth(B, H, T, D, window, dtype):
@@ -272,13 +262,11 @@ def test_kernel_matches_ground_truth(B, H, T, D, window, dtype):
 
 
 @needs_gpu
-@pytest.mark.usefixtures('compiled_kernels', 'dq_by_atomics')
-@pytest.mark.parametrize('config', [*range(kernel.FAST_CONFIGS), None])
+@pytest.mark.usefixtures('compiled_kernels')
+@pytest.mark.parametrize('config', range(kernel.FAST_CONFIGS))
 def test_every_autotuner_candidate_matches_ground_truth(config, monkeypatch):
     """The other tests pin one configuration (kernel.PINNED); in real use the autotuner may pick
-    any of the fast ones, so each computes Eq. 5 and its gradients, in bfloat16 as in training.
-    None: the autotuner's own pick, after it timed every candidate on the call's own arguments
-    (the one-pass backward adds into its dq buffer: each timing run must start from zeros)."""
+    any of the fast ones, so each computes Eq. 5 and its gradients, in bfloat16 as in training."""
     monkeypatch.setattr(kernel, 'PINNED', config)
     check_against_ground_truth(*CANDIDATE_SHAPE, torch.bfloat16, 'mixed')
 
@@ -300,7 +288,7 @@ def test_kernel_non_contiguous_inputs():
     assert relative_error(out, naive_swat(q.double(), k.double(), v.double(), slopes.double(), w)) < 1e-5
 
 
-@pytest.mark.usefixtures('compiled_kernels', 'dq_by_atomics')
+@pytest.mark.usefixtures('compiled_kernels')
 def test_kernel_writes_every_element():
     """Poisoned (NaN) output and gradient buffers come back fully overwritten."""
     B, H, T, D, w = 2, 3, 40, 32, 13
@@ -341,7 +329,7 @@ def test_kernel_under_torch_compile():
 
 @needs_gpu
 @pytest.mark.usefixtures('compiled_kernels')
-def test_kernel_memory_is_linear_in_length(dq_by_atomics):
+def test_kernel_memory_is_linear_in_length():
     """No (T x T) or (T x w) buffer: peak extra memory of forward+backward is O(T * D)."""
     B, H, T, D, w = 1, 8, 16384, 64, 2048
     q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in random_inputs(B, H, T, D))
@@ -356,8 +344,7 @@ def test_kernel_memory_is_linear_in_length(dq_by_atomics):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     one_tensor = q.numel() * q.element_size()
-    dq_sum = q.numel() * 4 if dq_by_atomics else 0      # the one pass's float32 dq
-    assert extra <= 5 * one_tensor + dq_sum   # out, dq, dk, dv and slack; T x w would be 32x
+    assert extra <= 5 * one_tensor            # out, dq, dk, dv and slack; T x w would be 32x
 
 
 
@@ -1797,12 +1784,10 @@ def test_a_cuda_graph_it_cannot_record_is_said_and_the_step_runs_eagerly(shakesp
 
 
 @needs_gpu
-@pytest.mark.usefixtures('dq_by_atomics')
 def test_a_recorded_step_over_masked_targets_is_the_eager_step():
     """A training step recorded as a CUDA graph whose loss reads the scored rows alone
     (max_targets: a sort and a gather inside the graph) trains as the same step run eagerly:
-    the same losses and weights over batches that score different positions, and how many.
-    With dq added up by atomics, the graph zeroes its dq buffer on every replay."""
+    the same losses and weights over batches that score different positions, and how many."""
     torch.manual_seed(0)
     models = [SWAT(tiny_config()).cuda() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
