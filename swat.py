@@ -395,12 +395,18 @@ def chunk_loss_and_grad(logits, targets, weights):
     dtype = logits.dtype
     logits = logits.float()
     loss, sum_exp = chunk_loss_(logits, targets, weights)
-    # the one-hot as an elementwise comparison, not a scatter: compiled, the softmax, the
-    # one-hot, the weights and the cast are then one pass over the chunk (a scatter would end the
-    # pass, its float32 result written out and read back); eagerly, the comparison's (M, V) of
-    # bytes is the only tensor besides the logits. A row without a target (-1) matches no column.
-    is_target = torch.arange(logits.size(1), device=logits.device) == targets[:, None]
-    grad = logits.div_(sum_exp[:, None]).sub_(is_target.byte())     # softmax - one_hot, in place
+    grad = logits.div_(sum_exp[:, None])                                     # softmax, in place
+    if torch.compiler.is_compiling():
+        # Compiled, the one-hot is a comparison with each column: the softmax, the one-hot, the
+        # weights and the cast become one pass over the chunk (a scatter would end that pass, its
+        # float32 result written out and read back). A row without a target (-1) matches none.
+        is_target = torch.arange(grad.size(1), device=grad.device) == targets[:, None]
+        grad = torch.where(is_target, grad - 1.0, grad)
+    else:
+        # Eagerly, the comparison would be passes over the whole chunk (several times slower on
+        # a CPU); a scatter touches one element per row.
+        grad.scatter_add_(1, targets.clamp(min=0)[:, None],
+                          torch.full_like(sum_exp[:, None], -1.0))           # - one_hot(target)
     return loss, grad.mul_(weights[:, None]).to(dtype)
 
 

@@ -439,6 +439,25 @@ def test_chunked_cross_entropy_is_the_plain_loss(N, chunk_size, dtype):
             pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_the_loss_tail_as_compiled_is_the_eager_tail():
+    """The chunk's tail as torch.compile traces it (the one-hot a comparison with each column;
+    the aot_eager backend runs the traced graph without a compiler) and the eager tail (the
+    one-hot a scatter) give F.cross_entropy's loss and gradient, rows without a target included."""
+    torch.manual_seed(0)
+    logits = torch.randn(37, 101)
+    targets = torch.randint(0, 101, (37,))
+    targets[::5] = -1
+    weights = (targets != -1) / (targets != -1).sum()
+    leaf = logits.clone().requires_grad_()
+    expected = F.cross_entropy(leaf, targets, ignore_index=-1)
+    grad, = torch.autograd.grad(expected, leaf)
+    traced = torch.compile(swat.chunk_loss_and_grad, backend='aot_eager', fullgraph=True)
+    for tail in (swat.chunk_loss_and_grad, traced):
+        loss, got = tail(logits.clone(), targets, weights)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert relative_error(got, grad) < 1e-6
+
+
 @pytest.mark.parametrize('bound', ['exact', 'loose'])
 def test_the_loss_builds_logits_for_the_scored_rows_alone(monkeypatch, bound):
     """With max_targets, a bound on the scored targets, the loss and both gradients are still
