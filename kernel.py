@@ -401,7 +401,9 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, scale, T, H, WINDOW,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The small one runs under the interpreter (its
 # unequal blocks exercise every boundary case of the runs above) and for float32 inputs, the
 # correctness path, whose exact dots are slow to compile. 16-bit inputs on the GPU time the fast
-# ones on first use and keep the fastest for each head size and window, unless one is pinned.
+# ones on first use and keep the fastest for each head size and window, unless one is pinned;
+# the choice is also written to Triton's cache on disk, so that a later process (the next
+# train.py or sample.py) takes it without timing the candidates again.
 
 PINNED = None   # None: autotune, as above. An index i: run the i-th fast configuration of each
                 # kernel untimed, so one compile per head size and dtype and no timing runs (the
@@ -416,7 +418,8 @@ class _Launcher:
         configs = [triton.Config({'BLOCK_M': block_m, 'BLOCK_N': block_n}, num_warps=num_warps,
                                  num_stages=num_stages)
                    for block_m, block_n, num_warps, num_stages in fast]
-        self.autotuned = triton.autotune(configs=configs, key=['D', 'WINDOW'])(kernel)
+        self.autotuned = triton.autotune(configs=configs, key=['D', 'WINDOW'],
+                                         cache_results=True)(kernel)
 
     def __getitem__(self, grid):
         def launch(dtype, config, *args, **kwargs):
