@@ -17,6 +17,10 @@ over spans of `span` tokens, and the median and 99th-percentile latency of singl
              at their absolute positions, the window applied by a mask): what a KV cache without
              SWAT's bound does. It lives here, not in the model: only this benchmark needs it.
 
+--profile=True also prints, for the first batch size and each method but `unbounded`, the
+kernels of one decode step (operators on a CPU) from torch.profiler over 20 steps: how many a
+step, and the time of each, longest first.
+
 --long_tokens=N also runs the fastest path (compiled on a GPU, graph elsewhere) at batch 1 for N
 tokens and compares the latency of tokens around 1,000 with those around N, and the peak memory
 at both.
@@ -39,9 +43,11 @@ methods = ('graph,compiled,eager,unbounded' if torch.cuda.is_available()
 tokens = 2048           # tokens per row for each measurement, after a warm-up of 64
 span = 256              # tokens/s is measured over spans of this many tokens
 long_tokens = 0         # > 0: latency at token 1,000 against token long_tokens (graph, batch 1)
+profile = False         # also where one decode step's time goes, kernel by kernel (the profiler)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # of the weights and the cache
-config_keys = ['batch_sizes', 'methods', 'tokens', 'span', 'long_tokens', 'device', 'dtype']
+config_keys = ['batch_sizes', 'methods', 'tokens', 'span', 'long_tokens', 'profile', 'device',
+               'dtype']
 # -----------------------------------------------------------------------------
 METHODS = ('graph', 'compiled', 'eager', 'unbounded')
 TIMED = 100                 # tokens timed one by one around each point of latency_at
@@ -119,6 +125,42 @@ def measure(model, method, batch_size, n, latency_at=()):
     return rates, latencies, peaks
 
 
+def step_profile(model, method, batch_size, steps=20):
+    """Where a decode step's time goes: [(kernel name, launches a step, µs a step)], longest
+    first, from torch.profiler over `steps` steps after 64 of warm-up; on a CPU, the operators'
+    own time instead of the kernels'."""
+    from torch.profiler import ProfilerActivity
+    cuda = torch.device(device).type == 'cuda'
+    prompt = torch.randint(0, 50257, (batch_size, 16), device=device)
+    with torch.no_grad():
+        tokens = iter(token_stream(model, method, prompt, 64 + steps))
+        for _ in range(64):
+            next(tokens)
+        synchronize(device)
+        with torch.profiler.profile(activities=[ProfilerActivity.CUDA if cuda else
+                                                ProfilerActivity.CPU]) as prof:
+            for _ in tokens:
+                pass
+            synchronize(device)
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    rows = [(e.key, e.count / steps, (e.self_device_time_total if cuda else e.self_cpu_time_total)
+             / steps) for e in prof.key_averages() if e.device_type == kind]
+    return sorted((row for row in rows if row[2] > 0), key=lambda row: -row[2])
+
+
+def format_profile(rows, title, shown=15):
+    """The markdown table of step_profile's rows: the longest `shown`, then the others in one."""
+    total = sum(us for _, _, us in rows)
+    lines = [f"{title}: {sum(n for _, n, _ in rows):.0f} launches, {total:.1f} µs a step", '',
+             '| kernel (on a CPU: operator) | a step | µs a step |', '|---|---|---|']
+    lines += [f"| `{name[:80]}` | {n:g} | {us:.1f} |" for name, n, us in rows[:shown]]
+    if len(rows) > shown:
+        rest = rows[shown:]
+        lines.append(f"| {len(rest)} others | {sum(n for _, n, _ in rest):g} | "
+                     f"{sum(us for _, _, us in rest):.1f} |")
+    return '\n'.join(lines)
+
+
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
@@ -175,6 +217,12 @@ def main(args=None):
             print(f"| {batch_size} | {method} | {statistics.median(rates):,.0f} | "
                   f"{percentile(ms, 0.5):.3f} | {percentile(ms, 0.99):.3f} | "
                   f"{max(peaks.values()):.1f} |", flush=True)
+    if profile:
+        for method in names:
+            if method != 'unbounded':
+                print()
+                print(format_profile(step_profile(model, method, sizes[0]),
+                                     f"one decode step, batch {sizes[0]}, {method}"))
     if long_tokens:
         points = (1000, long_tokens - TIMED)
         method = 'compiled' if cuda else 'graph'

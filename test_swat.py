@@ -3582,7 +3582,8 @@ def test_check_device_names_what_is_not_here(device, message):
 @pytest.mark.parametrize('args, message', [
     (['--batch_sizes=1,a'], "batch_sizes='1,a': expected comma-separated integers"),
     (['--batch_sizes=8,0'], "batch_sizes='8,0': every batch size must be 1 or more"),
-    (['--methods=graph,fast'], "methods='graph,fast': expected some of graph, compiled, eager, unbounded"),
+    (['--methods=graph,fast'],
+     "methods='graph,fast': expected some of graph, compiled, eager, unbounded"),
     (['--span=0'], 'span=0: expected 1 or more'),
     (['--tokens=300', '--span=256'], 'tokens=300 with span=256: expected tokens >= 2 * span + '
                                      '100'),
@@ -3593,6 +3594,22 @@ def test_check_device_names_what_is_not_here(device, message):
 def test_bench_generate_refuses_settings_that_cannot_work(args, message):
     """Before the model is built: one line naming the setting."""
     assert message in exit_message(bench_generate.main, ['--device=cpu', *args])
+
+
+@pytest.mark.usefixtures('script_state')
+def test_bench_generate_profiles_a_decode_step():
+    """--profile's table: every operator of a step with its calls and time, longest first, the
+    matmuls of the layers among them, and the total the sum of the rows."""
+    torch.manual_seed(0)
+    model = SWAT(SWATConfig(n_layer=2, n_head=2, n_embd=32, window=8, block_size=32)).eval()
+    rows = bench_generate.step_profile(model, 'graph', 2, steps=5)
+    times = [us for _, _, us in rows]
+    assert times == sorted(times, reverse=True) and min(times) > 0
+    calls = {name: n for name, n, _ in rows}
+    assert calls['aten::mm'] >= 2 * 4          # q k v, the projection and the MLP's two, a layer
+    table = bench_generate.format_profile(rows, 'a step', shown=3)
+    assert table.startswith(f"a step: {sum(calls.values()):.0f} launches, {sum(times):.1f} µs")
+    assert table.splitlines()[-1].startswith(f"| {len(rows) - 3} others |")
 
 
 @slow
