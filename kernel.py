@@ -4,16 +4,20 @@ SWAT attention: sigmoid sliding-window attention with per-head ALiBi slopes.
 For one head with head size D, query position m and window w (the number of keys a query
 sees, itself included):
 
-    o_m = sum_{n = max(0, m-w+1)}^{m}  sigmoid(q_m . k_n / sqrt(D) + s_h * (m - n)) * v_n
+    o_m = sum_{n = max(0, m-w+1)}^{m}  sigmoid(q_m . k_n / sqrt(D) + s_h * (m - n) + b) * v_n
 
 q and k arrive already rotated by RoPE. Slopes use the paper's sign: a negative s_h penalises
-distance (recency), a positive s_h rewards it (keeps older tokens in view).
+distance (recency), a positive s_h rewards it (keeps older tokens in view). b is a constant,
+0 in the paper; Ramapuram et al. 2024 ("Theory, Analysis, and Best Practices for Sigmoid
+Self-Attention") found sigmoid attention without one unstable, and with b = -log(w) a window
+of w equal logits sums to about one, as a softmax does.
 
 This file holds two implementations of that one equation:
 - swat_attention_reference: plain PyTorch einsums, the readable definition, any device.
 - swat_attention: fused Triton kernels for the forward and backward pass.
 """
 
+import math
 import os
 
 import torch
@@ -36,13 +40,18 @@ def is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def is_number(x):
+    """True for an int or a float (nan and inf included); False for a bool, a str, None."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def check_head_size(D, hint='D = n_embd / n_head in the model'):
     if D not in HEAD_SIZES:
         raise ValueError(f"head size D={D} is not supported by the fused kernel; use one of "
                          f"{HEAD_SIZES} ({hint})")
 
 
-def check_inputs(q, k, v, slopes, window, fused=True):
+def check_inputs(q, k, v, slopes, window, bias, fused=True):
     """Raise a ValueError that says what is wrong with the arguments, if anything is.
     fused=True adds the limits of the fused kernels: head sizes HEAD_SIZES, dtypes DTYPES."""
     if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
@@ -77,6 +86,9 @@ def check_inputs(q, k, v, slopes, window, fused=True):
     if not (is_int(window) and window >= 1):
         raise ValueError(f"window must be an integer >= 1 (the keys each query sees, itself "
                          f"included); got {window!r}")
+    if not (is_number(bias) and math.isfinite(bias)):
+        raise ValueError(f"bias must be a finite number, the constant b added to every logit "
+                         f"inside the sigmoid (0.0: none, as in the paper); got {bias!r}")
 
 
 def query_chunks(T, window, chunk_size):
@@ -109,12 +121,13 @@ def attended_pairs(T, window):
     return w * (w + 1) // 2 + (T - w) * w
 
 
-def swat_attention_reference(q, k, v, slopes, window, scale=None, chunk_size=256):
-    """Eq. 5 of the paper in einsums. q, k, v: (B, H, T, D); slopes: (H,); returns (B, H, T, D).
+def swat_attention_reference(q, k, v, slopes, window, scale=None, bias=0.0, chunk_size=256):
+    """Eq. 5 of the paper in einsums. q, k, v: (B, H, T, D); slopes: (H,); bias: the constant b
+    inside the sigmoid; returns (B, H, T, D).
 
     Any head size and any float dtype; computes in float32 (or float64 when given float64) and
     returns the input dtype."""
-    check_inputs(q, k, v, slopes, window, fused=False)
+    check_inputs(q, k, v, slopes, window, bias, fused=False)
     if not (is_int(chunk_size) and chunk_size >= 1):
         raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1 (queries per chunk)")
     B, H, T, D = q.shape
@@ -126,7 +139,7 @@ def swat_attention_reference(q, k, v, slopes, window, scale=None, chunk_size=256
     outputs = []
     for m0, m1, n0 in query_chunks(T, window, chunk_size):
         logits = scale * torch.einsum('bhmd,bhnd->bhmn', q[:, :, m0:m1], k[:, :, n0:m1])
-        weights = torch.sigmoid(logits + window_bias(m0, m1, n0, slopes, window))
+        weights = torch.sigmoid(logits + window_bias(m0, m1, n0, slopes, window) + bias)
         outputs.append(torch.einsum('bhmn,bhnd->bhmd', weights, v[:, :, n0:m1]))
     return torch.cat(outputs, dim=2).to(out_dtype)
 
@@ -140,6 +153,8 @@ def swat_attention_reference(q, k, v, slopes, window, scale=None, chunk_size=256
 #   forward:  o  = sum_n p_mn v_n                       (one pass, nothing saved but q, k, v)
 #   backward: dv = p^T do,  dp = do v^T,  ds = dp * p * (1 - p),
 #             dq = scale * ds k,  dk = scale * ds^T q   (p recomputed from q and k)
+# s holds the ALiBi term and the constant b too: the derivative of sigmoid(x + c) in x is
+# p (1 - p) whatever c is, so the backward is the same formula of the same recomputed p.
 # The backward runs as two kernels without atomics: one program per key block accumulates
 # dk and dv over the query blocks that see it, one program per query block accumulates dq.
 #
@@ -165,11 +180,14 @@ def _sigmoid(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _weights(a, b, distance, slope, scale, WINDOW, MASKED: tl.constexpr,
+def _weights(a, b, distance, slope, bias, scale, WINDOW, MASKED: tl.constexpr,
              FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """sigmoid(scale * a @ b + slope * distance) for one tile, where a @ b holds q . k products
-    and distance the matching m - n. Masked tiles zero what the window hides."""
-    s = tl.dot(a, b, input_precision=DOT_PRECISION) * scale + slope * distance.to(tl.float32)
+    """sigmoid(scale * a @ b + slope * distance + bias) for one tile, where a @ b holds q . k
+    products and distance the matching m - n. Masked tiles zero what the window hides."""
+    # the ALiBi term and the constant together: slope * distance + bias is one fused
+    # multiply-add, and adding the scaled dot one more, as many as the ALiBi term alone took
+    shift = slope * distance.to(tl.float32) + bias
+    s = tl.dot(a, b, input_precision=DOT_PRECISION) * scale + shift
     p = _sigmoid(s, FAST_SIGMOID)
     if MASKED:
         p = tl.where((distance >= 0) & (distance < WINDOW), p, 0.0)
@@ -246,7 +264,7 @@ def _at_head(X, stride_b, stride_h, H):
 
 
 @triton.jit
-def _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, scale, offs_m, n_lo, n_hi, T,
+def _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, n_lo, n_hi, T,
                    WINDOW, BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
                    FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_d = tl.arange(0, D)
@@ -256,13 +274,13 @@ def _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, scale, offs_m, n_l
         k_t = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
         distance = offs_m[:, None] - offs_n[None, :]
-        p = _weights(q, k_t, distance, slope, scale, WINDOW, MASKED, FAST_SIGMOID, DOT_PRECISION)
+        p = _weights(q, k_t, distance, slope, bias, scale, WINDOW, MASKED, FAST_SIGMOID, DOT_PRECISION)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc
 
 
 @triton.jit(do_not_specialize=['T', 'WINDOW'])  # one compile for every length and window
-def _forward_kernel(Q, K, V, O, Slopes, scale, T, H, WINDOW,
+def _forward_kernel(Q, K, V, O, Slopes, bias, scale, T, H, WINDOW,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -279,19 +297,19 @@ def _forward_kernel(Q, K, V, O, Slopes, scale, T, H, WINDOW,
 
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _key_block_runs(m0, T, WINDOW, BLOCK_M, BLOCK_N)
-    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, scale, offs_m, lo, mid_lo, T,
-                         WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
-    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, scale, offs_m, mid_lo, mid_hi, T,
-                         WINDOW, BLOCK_N, D, False, FAST_SIGMOID, DOT_PRECISION)
-    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, scale, offs_m, mid_hi, hi, T,
-                         WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, lo,
+                         mid_lo, T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, mid_lo,
+                         mid_hi, T, WINDOW, BLOCK_N, D, False, FAST_SIGMOID, DOT_PRECISION)
+    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, mid_hi,
+                         hi, T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
     tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=offs_m[:, None] < T)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, scale, offs_n, m_lo, m_hi, T,
-                WINDOW, BLOCK_M: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, bias, scale, offs_n, m_lo,
+                m_hi, T, WINDOW, BLOCK_M: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
                 FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Works on transposed tiles, p^T[n, m], computed as k @ q^T: moving a finished fp32 tile
     # from one register layout to the other would cost a round trip through shared memory.
@@ -302,7 +320,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, scale, offs_n
         q_t = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=in_seq[:, None], other=0.0)
         distance_t = offs_m[None, :] - offs_n[:, None]
-        p_t = _weights(k, q_t, distance_t, slope, scale, WINDOW, MASKED, FAST_SIGMOID, DOT_PRECISION)
+        p_t = _weights(k, q_t, distance_t, slope, bias, scale, WINDOW, MASKED, FAST_SIGMOID,
+                       DOT_PRECISION)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = dp_t * p_t * (1.0 - p_t)
@@ -311,7 +330,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, scale, offs_n
 
 
 @triton.jit(do_not_specialize=['T', 'WINDOW'])  # one compile for every length and window
-def _dkdv_kernel(Q, K, V, DO, DK, DV, Slopes, scale, T, H, WINDOW,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, Slopes, bias, scale, T, H, WINDOW,
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                  stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                  stride_gb, stride_gh, stride_gt,
@@ -334,12 +353,12 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Slopes, scale, T, H, WINDOW,
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _query_block_runs(n0, T, WINDOW, BLOCK_M, BLOCK_N)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, scale, offs_n, lo,
-                         mid_lo, T, WINDOW, BLOCK_M, D, True, FAST_SIGMOID, DOT_PRECISION)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, scale, offs_n, mid_lo,
-                         mid_hi, T, WINDOW, BLOCK_M, D, False, FAST_SIGMOID, DOT_PRECISION)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, scale, offs_n, mid_hi,
-                         hi, T, WINDOW, BLOCK_M, D, True, FAST_SIGMOID, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, bias, scale, offs_n,
+                         lo, mid_lo, T, WINDOW, BLOCK_M, D, True, FAST_SIGMOID, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, bias, scale, offs_n,
+                         mid_lo, mid_hi, T, WINDOW, BLOCK_M, D, False, FAST_SIGMOID, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, bias, scale, offs_n,
+                         mid_hi, hi, T, WINDOW, BLOCK_M, D, True, FAST_SIGMOID, DOT_PRECISION)
     tl.store(DK + offs_n[:, None] * stride_gt + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=in_seq)
     tl.store(DV + offs_n[:, None] * stride_gt + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -347,7 +366,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Slopes, scale, T, H, WINDOW,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, scale, offs_m, n_lo, n_hi, T,
+def _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, n_lo, n_hi, T,
               WINDOW, BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
               FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_d = tl.arange(0, D)
@@ -357,7 +376,7 @@ def _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, scale, offs_m, n_lo,
         k_t = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
         distance = offs_m[:, None] - offs_n[None, :]
-        p = _weights(q, k_t, distance, slope, scale, WINDOW, MASKED, FAST_SIGMOID, DOT_PRECISION)
+        p = _weights(q, k_t, distance, slope, bias, scale, WINDOW, MASKED, FAST_SIGMOID, DOT_PRECISION)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         ds = dp * p * (1.0 - p)
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
@@ -365,7 +384,7 @@ def _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, scale, offs_m, n_lo,
 
 
 @triton.jit(do_not_specialize=['T', 'WINDOW'])  # one compile for every length and window
-def _dq_kernel(Q, K, V, DO, DQ, Slopes, scale, T, H, WINDOW,
+def _dq_kernel(Q, K, V, DO, DQ, Slopes, bias, scale, T, H, WINDOW,
                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                stride_gb, stride_gh, stride_gt,
@@ -386,12 +405,12 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, scale, T, H, WINDOW,
 
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _key_block_runs(m0, T, WINDOW, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, scale, offs_m, lo, mid_lo, T,
-                   WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, scale, offs_m, mid_lo, mid_hi, T,
-                   WINDOW, BLOCK_N, D, False, FAST_SIGMOID, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, scale, offs_m, mid_hi, hi, T,
-                   WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, lo, mid_lo,
+                   T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, mid_lo,
+                   mid_hi, T, WINDOW, BLOCK_N, D, False, FAST_SIGMOID, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, mid_hi, hi,
+                   T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
     tl.store(DQ + offs_m[:, None] * stride_gt + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=in_seq)
 
@@ -473,27 +492,27 @@ def _strides(*tensors):
     return [s for x in tensors for s in x.stride()[:3]]
 
 
-def swat_forward(q, k, v, slopes, window, scale, out, config=None):
+def swat_forward(q, k, v, slopes, window, scale, bias, out, config=None):
     """Write the attention output for q, k, v (B, H, T, D) into out; launches the Triton kernel.
     config: an index into the fast configurations, to run that one untimed; None: as PINNED."""
     B, H, T, D = q.shape
     grid = lambda meta: (triton.cdiv(T, meta['BLOCK_M']), B * H)
-    _forward[grid](q.dtype, config, q, k, v, out, slopes, scale, T, H, min(window, T),
+    _forward[grid](q.dtype, config, q, k, v, out, slopes, bias, scale, T, H, min(window, T),
                    *_strides(q, k, v, out), D=D, **_kernel_flags(q.dtype))
     return out
 
 
-def swat_backward(do, q, k, v, slopes, window, scale, dq, dk, dv, config=None):
+def swat_backward(do, q, k, v, slopes, window, scale, bias, dq, dk, dv, config=None):
     """Write the gradients of q, k, v into dq, dk, dv (dk and dv must share their strides).
     config: as for swat_forward."""
     B, H, T, D = q.shape
     window = min(window, T)
     flags = _kernel_flags(q.dtype)
     grid = lambda meta: (triton.cdiv(T, meta['BLOCK_N']), B * H)
-    _dkdv[grid](q.dtype, config, q, k, v, do, dk, dv, slopes, scale, T, H, window,
+    _dkdv[grid](q.dtype, config, q, k, v, do, dk, dv, slopes, bias, scale, T, H, window,
                 *_strides(q, k, v, do, dk), D=D, **flags)
     grid = lambda meta: (triton.cdiv(T, meta['BLOCK_M']), B * H)
-    _dq[grid](q.dtype, config, q, k, v, do, dq, slopes, scale, T, H, window,
+    _dq[grid](q.dtype, config, q, k, v, do, dq, slopes, bias, scale, T, H, window,
               *_strides(q, k, v, do, dq), D=D, **flags)
     return dq, dk, dv
 
@@ -505,9 +524,9 @@ def swat_backward(do, q, k, v, slopes, window, scale, dq, dk, dv, config=None):
 
 _library = torch.library.Library('nanoswat', 'DEF')
 _library.define('swat_attention(Tensor q, Tensor k, Tensor v, Tensor slopes, int window, '
-                'float scale) -> Tensor')
+                'float scale, float bias) -> Tensor')
 _library.define('swat_attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Tensor slopes, '
-                'int window, float scale) -> (Tensor, Tensor, Tensor)')
+                'int window, float scale, float bias) -> (Tensor, Tensor, Tensor)')
 
 
 def _empty_like(x):
@@ -517,38 +536,40 @@ def _empty_like(x):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _forward_op(q, k, v, slopes, window, scale):
+def _forward_op(q, k, v, slopes, window, scale, bias):
     """nanoswat::swat_attention itself: allocate the output and launch the forward kernel."""
-    return swat_forward(q, k, v, slopes, window, scale, _empty_like(q))
+    return swat_forward(q, k, v, slopes, window, scale, bias, _empty_like(q))
 
 
-def _backward_op(do, q, k, v, slopes, window, scale):
+def _backward_op(do, q, k, v, slopes, window, scale, bias):
     """nanoswat::swat_attention_backward itself: allocate dq, dk, dv, launch the two kernels."""
-    return swat_backward(do, q, k, v, slopes, window, scale, *(_empty_like(q) for _ in range(3)))
+    return swat_backward(do, q, k, v, slopes, window, scale, bias,
+                         *(_empty_like(q) for _ in range(3)))
 
 
-def _fake_forward(q, k, v, slopes, window, scale):
+def _fake_forward(q, k, v, slopes, window, scale, bias):
     """What torch.compile traces the forward with: an output of the right shape, no kernel."""
     return _empty_like(q)
 
 
-def _fake_backward(do, q, k, v, slopes, window, scale):
+def _fake_backward(do, q, k, v, slopes, window, scale, bias):
     """The same for the backward: dq, dk, dv of the right shape."""
     return tuple(_empty_like(q) for _ in range(3))
 
 
 def _setup_backward(ctx, inputs, output):
     """Autograd, after the forward: keep what the backward needs, the inputs alone."""
-    q, k, v, slopes, ctx.window, ctx.scale = inputs
+    q, k, v, slopes, ctx.window, ctx.scale, ctx.bias = inputs
     ctx.save_for_backward(q, k, v, slopes)
 
 
 def _autograd_backward(ctx, do):
-    """Autograd's formula: dq, dk, dv through the backward operator; slopes, window and scale
-    get no gradient."""
+    """Autograd's formula: dq, dk, dv through the backward operator; slopes, window, scale and
+    bias get no gradient."""
     q, k, v, slopes = ctx.saved_tensors
-    dq, dk, dv = torch.ops.nanoswat.swat_attention_backward(do, q, k, v, slopes, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = torch.ops.nanoswat.swat_attention_backward(do, q, k, v, slopes, ctx.window,
+                                                            ctx.scale, ctx.bias)
+    return dq, dk, dv, None, None, None, None
 
 
 _library.impl('swat_attention', _forward_op, 'CompositeExplicitAutograd')
@@ -559,15 +580,17 @@ torch.library.register_autograd('nanoswat::swat_attention', _autograd_backward,
                                 setup_context=_setup_backward)
 
 
-def swat_attention(q, k, v, slopes, window, scale=None):
-    """SWAT attention, (B, H, T, D) -> (B, H, T, D), differentiable in q, k and v.
+def swat_attention(q, k, v, slopes, window, scale=None, bias=0.0):
+    """SWAT attention, (B, H, T, D) -> (B, H, T, D), differentiable in q, k and v. bias: the
+    constant b inside the sigmoid (0.0, the paper's Eq. 5, has none).
 
     Runs the fused Triton kernels on CUDA tensors (and on any tensors under TRITON_INTERPRET=1),
     the einsum reference elsewhere. The inputs are held to the fused kernels' limits on every
     device, so what runs on a laptop's CPU also runs on the GPU."""
-    check_inputs(q, k, v, slopes, window)
+    check_inputs(q, k, v, slopes, window, bias)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not (q.is_cuda or INTERPRET):
-        return swat_attention_reference(q, k, v, slopes, window, scale)
+        return swat_attention_reference(q, k, v, slopes, window, scale, bias)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return torch.ops.nanoswat.swat_attention(q, k, v, slopes.to(torch.float32).contiguous(), window, scale)
+    return torch.ops.nanoswat.swat_attention(q, k, v, slopes.to(torch.float32).contiguous(), window,
+                                             scale, float(bias))

@@ -18,17 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernel import (attended_pairs, check_head_size, is_int, query_chunks, swat_attention,
-                    window_bias)
+from kernel import (attended_pairs, check_head_size, is_int, is_number, query_chunks,
+                    swat_attention, window_bias)
 from runtime import peak_bf16_flops
 
 ATTENTION_KINDS = ('sigmoid', 'softmax')
 ALIBI_MODES = ('balanced', 'balanced_paper_code', 'negative', 'positive', 'none')
-
-
-def is_number(x):
-    """True for an int or a float (nan and inf included); False for a bool, a str, None."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def check_sink_tokens(sink_tokens):

@@ -74,14 +74,15 @@ slow = pytest.mark.slow
 # The attention: the einsum reference and the fused kernels against Eq. 5
 # naive_swat is the definition written out with a full T x T mask, independently of kernel.py.
 
-def naive_swat(q, k, v, slopes, window, scale=None):
-    """Eq. 5 written out with a full T x T mask, independently of kernel.py."""
+def naive_swat(q, k, v, slopes, window, scale=None, bias=0.0):
+    """Eq. 5 written out with a full T x T mask, independently of kernel.py; bias: the constant
+    b inside the sigmoid (sigmoid_bias)."""
     T, D = q.shape[-2:]
     scale = 1 / math.sqrt(D) if scale is None else scale
     m = torch.arange(T, device=q.device)[:, None]
     n = torch.arange(T, device=q.device)[None, :]
     visible = (n <= m) & (m - n <= window - 1)
-    logits = scale * q @ k.transpose(-1, -2) + slopes.view(-1, 1, 1) * (m - n)
+    logits = scale * q @ k.transpose(-1, -2) + slopes.view(-1, 1, 1) * (m - n) + bias
     return (torch.sigmoid(logits) * visible) @ v
 
 
@@ -99,6 +100,17 @@ def test_reference_scale_argument():
     slopes = random_slopes(2).double()
     out = swat_attention_reference(q, k, v, slopes, 6, scale=0.3)
     assert relative_error(out, naive_swat(q, k, v, slopes, 6, scale=0.3)) < 1e-12
+
+
+@pytest.mark.parametrize('T, window', [(1, 1), (37, 1), (37, 5), (300, 64)])
+@pytest.mark.parametrize('bias', [-math.log(64), 1.5], ids=['-log(64)', '+1.5'])
+def test_reference_bias_argument(T, window, bias):
+    """Eq. 5 with a constant b inside the sigmoid (sigmoid_bias): every visible key's weight is
+    sigmoid(q . k / sqrt(D) + s_h (m - n) + b), the hidden ones still weigh exactly 0."""
+    q, k, v = random_inputs(2, 3, T, 16)
+    slopes = random_slopes(3).double()
+    out = swat_attention_reference(q, k, v, slopes, window, bias=bias, chunk_size=64)
+    assert relative_error(out, naive_swat(q, k, v, slopes, window, bias=bias)) < 1e-12
 
 
 def test_reference_gradcheck():
@@ -156,6 +168,10 @@ BAD_ATTENTION_INPUT = [
     (dict(v=torch.randn(1, 2, 8, 16, device='meta')), 'one device'),
     (qkv(1, 2, 0, 16), 'q, k and v are empty'),
     (dict(q=[[0.0]]), 'must be torch tensors'),
+    (dict(bias=float('nan')), 'bias must be a finite number'),
+    (dict(bias=float('-inf')), 'bias must be a finite number'),
+    (dict(bias='-4.8'), 'bias must be a finite number'),
+    (dict(bias=True), 'bias must be a finite number'),
 ]
 
 
@@ -198,26 +214,26 @@ SHAPES = CPU_SHAPES + (GPU_SHAPES if GPU else [])
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
 
 
-def check_against_ground_truth(B, H, T, D, window, dtype, sign):
+def check_against_ground_truth(B, H, T, D, window, dtype, sign, bias=0.0):
     """The kernel's output and gradients against Eq. 5 in float64, of the very inputs the kernel
     gets: rounding the inputs to 16 bits is not the kernel's error, and alone it moves dq by more
     than 1e-2 in about 4% of the bfloat16 draws at T = 1 (dq is then do . v times k, and do . v
-    can be close to 0)."""
+    can be close to 0). bias: the constant b inside the sigmoid."""
     q, k, v = (x.to(dtype) for x in random_inputs(B, H, T, D))
     do = torch.randn_like(q)
     slopes = random_slopes(H, sign)
     inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = swat_attention(*inputs, slopes, window)
+    out = swat_attention(*inputs, slopes, window, bias=bias)
     out.backward(do)
     exact = [x.double().requires_grad_() for x in (q, k, v)]
-    truth = naive_swat(*exact, slopes.double(), window)
+    truth = naive_swat(*exact, slopes.double(), window, bias=bias)
     truth.backward(do.double())
     tolerance = TOLERANCE[dtype]
     assert out.dtype == dtype and out.shape == q.shape
     assert relative_error(out, truth) < tolerance
     for name, x, x_exact in zip('qkv', inputs, exact):
         assert relative_error(x.grad, x_exact.grad) < tolerance, f'd{name}'
-    reference = swat_attention_reference(*(x.detach() for x in inputs), slopes, window)
+    reference = swat_attention_reference(*(x.detach() for x in inputs), slopes, window, bias=bias)
     assert relative_error(out, reference) < tolerance
 
 
@@ -231,10 +247,10 @@ def compile_kernels(D, dtype, config, backward):
     q, k, v, do = (torch.randn(1, 2, 16, D, dtype=dtype, device=DEVICE) for _ in range(4))
     slopes, scale = random_slopes(2), D ** -0.5
     if backward:
-        swat_backward(do, q, k, v, slopes, 8, scale, *(torch.empty_like(q) for _ in range(3)),
+        swat_backward(do, q, k, v, slopes, 8, scale, 0.0, *(torch.empty_like(q) for _ in range(3)),
                       config)
     else:
-        swat_forward(q, k, v, slopes, 8, scale, torch.empty_like(q), config)
+        swat_forward(q, k, v, slopes, 8, scale, 0.0, torch.empty_like(q), config)
 
 
 @pytest.fixture(scope='module')
@@ -277,6 +293,20 @@ def test_kernel_slope_signs(sign):
     check_against_ground_truth(1, 2, 64, 32, 24, torch.float32, sign)
 
 
+# (B, H, T, D, window): T odd and not a multiple of the blocks, masked and interior runs; w = 1
+BIAS_SHAPES = [(1, 2, 45, 16, 9), (1, 3, 37, 32, 1)] + (GPU_SHAPES[:1] if GPU else [])
+
+
+@pytest.mark.usefixtures('compiled_kernels')
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+@pytest.mark.parametrize('bias', [-math.log(128), 1.5], ids=['-log(128)', '+1.5'])
+@pytest.mark.parametrize('B, H, T, D, window', BIAS_SHAPES)
+def test_kernel_with_a_bias_matches_ground_truth(B, H, T, D, window, bias, dtype):
+    """sigmoid_bias: the constant inside the sigmoid, in the forward and in both backward
+    kernels (the default model's -log(w) for w = 128, and a positive one)."""
+    check_against_ground_truth(B, H, T, D, window, dtype, 'mixed', bias)
+
+
 @pytest.mark.usefixtures('compiled_kernels')
 def test_kernel_non_contiguous_inputs():
     """q, k, v as the model makes them: views into one (B, T, 3 * H * D) projection."""
@@ -295,8 +325,8 @@ def test_kernel_writes_every_element():
     q, k, v = random_inputs(B, H, T, D, dtype=torch.float32)
     do = torch.randn_like(q)
     slopes = random_slopes(H)
-    out = swat_forward(q, k, v, slopes, w, D ** -0.5, torch.full_like(q, float('nan')))
-    grads = swat_backward(do, q, k, v, slopes, w, D ** -0.5,
+    out = swat_forward(q, k, v, slopes, w, D ** -0.5, 0.0, torch.full_like(q, float('nan')))
+    grads = swat_backward(do, q, k, v, slopes, w, D ** -0.5, 0.0,
                           *(torch.full_like(q, float('nan')) for _ in range(3)))
     assert not out.isnan().any() and not any(g.isnan().any() for g in grads)
     exact = [x.double().requires_grad_() for x in (q, k, v)]
