@@ -74,7 +74,8 @@ def unbounded_tokens(model, prompt, n, temperature=1.0, top_k=200):
             bias = (attn.slopes.float()[:, None] * distance).masked_fill(distance >= cfg.window,
                                                                          float('-inf'))
             logits = (q @ k.transpose(-2, -1)).float() * D ** -0.5 + bias[:, None, :]
-            weights = torch.sigmoid(logits) if attn.kind == 'sigmoid' else F.softmax(logits, -1)
+            weights = (torch.sigmoid(logits + attn.logit_bias) if attn.kind == 'sigmoid'
+                       else F.softmax(logits, -1))
             y = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(-1, 1, cfg.n_embd)
             x = x + attn.c_proj(y)
             x = x + block.mlp(block.ln_2(x))

@@ -218,8 +218,9 @@ def head_statistics(model, x):
     d tokens back, for d = 0 .. min(w, T) - 1 (over the queries at least d into x), (n_layer, H,
     min(w, T)); and the mean norm of the head's output, its weighted sum of values before the
     output projection, (n_layer, H). For a sigmoid model a weight is sigmoid(q . k / sqrt(D) +
-    s_h d), each key's own; for softmax, its share of the query's attention. Written out densely,
-    T x T per head: a probe of the model, not a way to read long texts."""
+    s_h d + b), each key's own (b: 0, or -log(w) with sigmoid_bias); for softmax, its share of
+    the query's attention. Written out densely, T x T per head: a probe of the model, not a way
+    to read long texts."""
     cfg = model.config
     B, T = x.shape
     H, D = cfg.n_head, cfg.n_embd // cfg.n_head
@@ -235,7 +236,8 @@ def head_statistics(model, x):
         # + s_h (m - n) inside the window, -inf outside it: Eq. 5's logits, every query at once
         bias = window_bias(0, T, 0, attn.slopes.float(), cfg.window)            # (H, T, T)
         logits = q @ k.transpose(-2, -1) / math.sqrt(D) + bias
-        weights = torch.sigmoid(logits) if attn.kind == 'sigmoid' else logits.softmax(dim=-1)
+        weights = (torch.sigmoid(logits + attn.logit_bias) if attn.kind == 'sigmoid'
+                   else logits.softmax(dim=-1))
         weight_at.append(torch.stack([weights.diagonal(-d, dim1=-2, dim2=-1).mean(dim=(0, 2))
                                       for d in range(min(cfg.window, T))], dim=-1))  # (H, w)
         norm.append((weights @ v).norm(dim=-1).mean(dim=(0, 2)))                    # (H,)

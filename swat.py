@@ -42,6 +42,10 @@ class SWATConfig:
     n_embd: int = 384
     dropout: float = 0.0
     attn: str = 'sigmoid'       # 'sigmoid' is SWAT; 'softmax' is the sliding-window baseline
+    sigmoid_bias: bool = False  # True: add b = -log(window) inside the sigmoid (Ramapuram et
+                                # al. 2024); the paper's Eq. 5 has none. An experiment; b follows
+                                # the window, so a model read with another window reads with
+                                # that window's b
     alibi: str = 'balanced'     # see alibi_slopes
     rope: bool = True
     rope_base: float = 10000.0
@@ -57,6 +61,13 @@ class SWATConfig:
             raise ValueError(f"attn={self.attn!r} is unknown; choose one of {ATTENTION_KINDS}")
         if not isinstance(self.rope, bool):
             raise ValueError(f"rope={self.rope!r} must be True or False")
+        if not isinstance(self.sigmoid_bias, bool):
+            raise ValueError(f"sigmoid_bias={self.sigmoid_bias!r} must be True or False")
+        if self.sigmoid_bias and self.attn != 'sigmoid':
+            # A constant added to every logit cancels in a softmax's normalisation: the run
+            # would be the plain baseline under another name.
+            raise ValueError(f"sigmoid_bias=True needs attn='sigmoid', got attn={self.attn!r} (a "
+                             f"constant added to every softmax logit changes nothing)")
         if not (is_number(self.rope_base) and math.isfinite(self.rope_base) and self.rope_base > 0):
             raise ValueError(f"rope_base={self.rope_base!r} must be a finite number > 0 (the "
                              f"paper and GPT-NeoX use 10000.0)")
@@ -231,13 +242,13 @@ def softmax_window_attention(q, k, v, slopes, window, chunk_size=1024):
     return torch.cat(outputs, dim=2)
 
 
-def attention_with_sinks(q, k, v, cos_sin, slopes, window, sinks, kind, chunk_size=256):
+def attention_with_sinks(q, k, v, cos_sin, slopes, window, sinks, kind, bias=0.0, chunk_size=256):
     """StreamingLLM's attention sinks, for reading a text with the sinks the KV cache keeps:
     each query m sees its window and the first `sinks` tokens, placed just before the window
     (at the distance min(m, sinks + w - 1) - j for sink j). q, k: (B, H, T, D) before RoPE;
-    cos_sin: RoPE's (cos, sin) for positions 0 .. T-1, or None. Written out densely, a chunk of
-    queries at a time: the sinks are an evaluation option of the softmax baseline, not a path
-    that needs the fused kernel."""
+    cos_sin: RoPE's (cos, sin) for positions 0 .. T-1, or None; bias: the constant b inside the
+    sigmoid (kind='sigmoid'). Written out densely, a chunk of queries at a time: the sinks are
+    an evaluation option of the softmax baseline, not a path that needs the fused kernel."""
     T, scale = q.size(2), q.size(-1) ** -0.5
     sinks = min(sinks, T)                           # a text shorter than the sinks: all sinks
 
@@ -257,7 +268,7 @@ def attention_with_sinks(q, k, v, cos_sin, slopes, window, sinks, kind, chunk_si
         window_logits = rotate(q[:, :, m0:m1], m) @ k_rotated[:, :, n0:m1].transpose(-2, -1)
         logits = torch.cat([scale * sink_logits + sink_bias, scale * window_logits +
                             window_bias(m0, m1, n0, slopes, window)], dim=-1)
-        weights = torch.sigmoid(logits) if kind == 'sigmoid' else F.softmax(logits, dim=-1)
+        weights = torch.sigmoid(logits + bias) if kind == 'sigmoid' else F.softmax(logits, dim=-1)
         values = torch.cat([v[:, :, :sinks], v[:, :, n0:m1]], dim=2)
         outputs.append(weights.to(v.dtype) @ values)
     return torch.cat(outputs, dim=2)
@@ -270,6 +281,10 @@ class Attention(nn.Module):
         self.n_head = config.n_head
         self.window = config.window
         self.kind = config.attn                     # 'sigmoid' or 'softmax'
+        # b inside the sigmoid. With b = -log(w) a window of w keys whose logits are all 0 sums
+        # to w / (w + 1), about one key's worth, as a softmax would: each weight starts near
+        # 1 / w instead of 1/2, so the output does not grow with the window (Ramapuram et al.)
+        self.logit_bias = -math.log(config.window) if config.sigmoid_bias else 0.0
         self.has_alibi = config.alibi != 'none'
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
@@ -286,7 +301,8 @@ class Attention(nn.Module):
             cache.fill(layer, k, v)
         slopes = self.slopes.float()
         if sink_tokens > 0:
-            y = attention_with_sinks(q, k, v, cos_sin, slopes, self.window, sink_tokens, self.kind)
+            y = attention_with_sinks(q, k, v, cos_sin, slopes, self.window, sink_tokens, self.kind,
+                                     self.logit_bias)
         else:
             if cos_sin is not None:
                 q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
@@ -294,13 +310,14 @@ class Attention(nn.Module):
                 # Eq. 5, for every query m at once:
                 #   o_m = sum over n in [m-w+1, m] of sigmoid(q_m . k_n / sqrt(D) + s_h (m-n)) v_n
                 # q_m . k_n of the RoPE'd q and k (rotated just above), scaled by 1 / sqrt(D); s_h
-                # the head's slope (self.slopes) times the distance back m - n; keys outside the
-                # window or in the future weigh exactly 0. Each key gets its own weight in
-                # (0, 1): no competition between keys, no normaliser, so a weight does not
-                # depend on how many other keys are in view. The fused kernel computes the sum
-                # in O(T * w); swat_attention_reference in kernel.py is the same in einsums, and
-                # decode() below writes it out for one query.
-                y = swat_attention(q, k, v, slopes, self.window)
+                # the head's slope (self.slopes) times the distance back m - n; with
+                # sigmoid_bias, b = -log(w) (self.logit_bias) is added inside the sigmoid too;
+                # keys outside the window or in the future weigh exactly 0. Each key gets its
+                # own weight in (0, 1): no competition between keys, no normaliser, so a weight
+                # does not depend on how many other keys are in view. The fused kernel computes
+                # the sum in O(T * w); swat_attention_reference in kernel.py is the same in
+                # einsums, and decode() below writes it out for one query.
+                y = swat_attention(q, k, v, slopes, self.window, bias=self.logit_bias)
             else:
                 y = softmax_window_attention(q, k, v, slopes if self.has_alibi else None,
                                              self.window)
@@ -322,7 +339,8 @@ class Attention(nn.Module):
         logits = scale * (q @ keys.transpose(-2, -1)).float()               # (B, H, 1, S)
         bias = self.slopes.float()[:, None] * distance                      # s_h * (m - n)
         logits = logits + bias.masked_fill(~visible, float('-inf'))[:, None, :]
-        weights = torch.sigmoid(logits) if self.kind == 'sigmoid' else F.softmax(logits, dim=-1)
+        weights = (torch.sigmoid(logits + self.logit_bias) if self.kind == 'sigmoid'
+                   else F.softmax(logits, dim=-1))
         y = weights.to(values.dtype) @ values                               # (B, H, 1, D)
         y = y.transpose(1, 2).reshape(B, 1, C)
         return self.resid_dropout(self.c_proj(y.to(x.dtype)))

@@ -401,6 +401,10 @@ def test_alibi_slopes():
     (dict(rope_base='10000'), "rope_base='10000' must be a finite number > 0"),
     (dict(rope='yes'), "rope='yes' must be True or False"),
     (dict(rope=1), 'rope=1 must be True or False'),
+    (dict(sigmoid_bias='yes'), "sigmoid_bias='yes' must be True or False"),
+    (dict(sigmoid_bias=1), 'sigmoid_bias=1 must be True or False'),
+    (dict(sigmoid_bias=True, attn='softmax'),
+     "sigmoid_bias=True needs attn='sigmoid', got attn='softmax' .*changes nothing"),
     (dict(n_layer=True), 'n_layer=True must be a positive integer'),
     (dict(n_head=2.0), 'n_head=2.0 must be a positive integer'),
     (dict(window=True), 'window=True must be a positive integer'),
@@ -429,6 +433,8 @@ def test_config_takes_what_is_valid():
     assert tiny_config(attn='softmax', n_head=2, n_embd=48).n_embd == 48
     assert tiny_config(n_head=3, n_embd=48, alibi='negative').n_head == 3
     assert tiny_config(rope_base=500, dropout=0, rope=False).rope_base == 500
+    assert tiny_config(sigmoid_bias=True).sigmoid_bias is True
+    assert tiny_config(attn='softmax', sigmoid_bias=False).attn == 'softmax'
 
 @pytest.mark.usefixtures('reference_attention')
 @pytest.mark.parametrize('attn', ['sigmoid', 'softmax'])
@@ -729,6 +735,19 @@ def test_checkpoint_round_trip(tmp_path):
     assert wider.config.window == 16 and wider.config.n_embd == model.config.n_embd
 
 
+@pytest.mark.usefixtures('reference_attention')
+def test_a_checkpoint_from_before_sigmoid_bias_loads_without_it(tmp_path):
+    """model_args written before SWATConfig had sigmoid_bias: the model loads with the default,
+    no bias, which is what it was trained with."""
+    model = tiny_model()                                            # a sigmoid model
+    old_args = {k: v for k, v in asdict(model.config).items() if k != 'sigmoid_bias'}
+    torch.save({'model': model.state_dict(), 'model_args': old_args}, tmp_path / 'ckpt.pt')
+    loaded, checkpoint = SWAT.from_checkpoint(str(tmp_path))
+    assert 'sigmoid_bias' not in checkpoint['model_args'] and loaded.config.sigmoid_bias is False
+    idx = torch.randint(0, V, (2, 12))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
 # =============================================================================
 # Generation: the constant-size KV cache is the full windowed forward
 
@@ -797,15 +816,19 @@ def test_generate_zero_new_tokens_returns_the_prompt():
 
 
 @pytest.mark.usefixtures('reference_attention')
-@pytest.mark.parametrize('attn, sinks', [('sigmoid', 0), ('softmax', 0), ('softmax', 3),
-                                         ('sigmoid', 2)])
-def test_generation_is_the_full_forward(attn, sinks):
+@pytest.mark.parametrize('attn, sinks, sigmoid_bias', [
+    ('sigmoid', 0, False), ('softmax', 0, False), ('softmax', 3, False), ('sigmoid', 2, False),
+    ('sigmoid', 0, True), ('sigmoid', 2, True)])
+def test_generation_is_the_full_forward(attn, sinks, sigmoid_bias):
     """Greedy tokens and logits of the ring cache are those of the full windowed forward (with the
     same sinks) over the whole text: a prompt longer than the window, then 6x the window and 3x
     block_size of tokens, in float32, to float32 rounding. The full forward is causal, so one
-    pass over the whole text gives at each position what it gives over the text up to there."""
+    pass over the whole text gives at each position what it gives over the text up to there.
+    With sigmoid_bias, the decode step and the sinks add the forward's b = -log(w)."""
     torch.manual_seed(0)
-    model = SWAT(tiny_config(attn=attn, block_size=16)).to(DEVICE).eval()      # window 8
+    model = SWAT(tiny_config(attn=attn, block_size=16,                          # window 8
+                             sigmoid_bias=sigmoid_bias)).to(DEVICE).eval()
+    assert model.transformer.h[0].attn.logit_bias == (-math.log(8) if sigmoid_bias else 0.0)
     P, N = 21, 50
     prompt = torch.randint(0, 101, (2, P), device=DEVICE)
     out = model.generate(prompt, N, temperature=0, sink_tokens=sinks)
@@ -861,14 +884,19 @@ def test_sink_tokens_are_streaming_llm():
 
 
 @pytest.mark.usefixtures('reference_attention')
-def test_sink_tokens_change_nothing_until_the_window_leaves_them():
+@pytest.mark.parametrize('attn, sigmoid_bias', [('softmax', False), ('sigmoid', True)])
+def test_sink_tokens_change_nothing_until_the_window_leaves_them(attn, sigmoid_bias):
     """Up to w tokens the sinks are inside the window anyway: the model is the plain windowed
-    one; up to s + w tokens no token has left the view, so it is the model with window s + w."""
+    one; up to s + w tokens no token has left the view, so it is the model with window s + w.
+    (With sigmoid_bias the wide model keeps the narrow one's b = -log(w): b follows the window,
+    and only the view should differ.)"""
     torch.manual_seed(0)
     s, w = 4, 8
-    model = SWAT(tiny_config(attn='softmax', window=w)).to(DEVICE).eval()
-    wide = SWAT(tiny_config(attn='softmax', window=s + w)).to(DEVICE).eval()
+    model = SWAT(tiny_config(attn=attn, window=w, sigmoid_bias=sigmoid_bias)).to(DEVICE).eval()
+    wide = SWAT(tiny_config(attn=attn, window=s + w, sigmoid_bias=sigmoid_bias)).to(DEVICE).eval()
     wide.load_state_dict(model.state_dict())
+    for narrow, block in zip(model.transformer.h, wide.transformer.h):
+        block.attn.logit_bias = narrow.attn.logit_bias
     seq = torch.randint(0, 101, (2, s + w), device=DEVICE)
     with torch.no_grad():
         for t in range(1, s + w + 1):
@@ -1344,6 +1372,9 @@ def test_merge_model_args_older_and_foreign_checkpoints():
     older = {k: v for k, v in SAVED.items() if k != 'rope_base'}  # saved before rope_base was
     args, messages = merge_model_args(older, dict(SAVED, rope_base=500000.0))
     assert args['rope_base'] == 500000.0 and messages == []
+    older = {k: v for k, v in SAVED.items() if k != 'sigmoid_bias'}  # before sigmoid_bias was
+    args, messages = merge_model_args(older, SAVED)
+    assert args['sigmoid_bias'] is False and messages == []
     # a setting this SWATConfig does not know stays, for SWATConfig to refuse by name
     args, _ = merge_model_args(dict(SAVED, n_experts=8), SAVED)
     with pytest.raises(TypeError, match='n_experts'):
@@ -2760,13 +2791,15 @@ def test_stretch_loss_matches_full_attention_on_the_last_w_tokens(attn, alibi, r
 
 
 @pytest.mark.usefixtures('reference_attention')
-@pytest.mark.parametrize('attn', ['sigmoid', 'softmax'])
-def test_head_statistics_are_each_heads_attention(attn):
+@pytest.mark.parametrize('attn, sigmoid_bias', [('sigmoid', False), ('softmax', False),
+                                                ('sigmoid', True)])
+def test_head_statistics_are_each_heads_attention(attn, sigmoid_bias):
     """eval.py --heads: a head's mean weight at distance d is its formula's, key by key (brute
     force, layer 0), and the norm of its output is that of the model's own attention path (the
-    input of c_proj, every layer)."""
+    input of c_proj, every layer). With sigmoid_bias the formula holds b = -log(w)."""
     torch.manual_seed(0)
-    model = SWAT(tiny_config(attn=attn)).eval()                     # 2 layers, 2 heads, w = 8
+    model = SWAT(tiny_config(attn=attn, sigmoid_bias=sigmoid_bias)).eval()   # 2 layers, 2 heads,
+    bias = -math.log(8) if sigmoid_bias else 0.0                             # w = 8
     x = torch.randint(0, V, (2, 20))
     weight_at, norm = EVAL['head_statistics'](model, x)
     assert weight_at.shape == (2, 2, 8) and norm.shape == (2, 2)
@@ -2784,7 +2817,7 @@ def test_head_statistics_are_each_heads_attention(attn):
                     keys = range(max(0, m - 7), m + 1)          # the query's window
                     logits = torch.tensor([float(q[b, h, m] @ k[b, h, n]) / 4 + slopes[h] * (m - n)
                                            for n in keys])
-                    p = torch.sigmoid(logits) if attn == 'sigmoid' else logits.softmax(0)
+                    p = torch.sigmoid(logits + bias) if attn == 'sigmoid' else logits.softmax(0)
                     weights.append(p[list(keys).index(m - d)])
             assert weight_at[0, h, d].item() == pytest.approx(torch.stack(weights).mean().item(),
                                                               rel=1e-4)

@@ -70,6 +70,7 @@ n_head = 6                  # attention heads per block
 n_embd = 384                # the width; the head size n_embd / n_head must be 16, 32, 64 or 128
 dropout = 0.2               # a small corpus overfits quickly; 0.0 for pretraining on large data
 attn = 'sigmoid'            # 'sigmoid' (SWAT) or 'softmax' (the sliding-window baseline)
+sigmoid_bias = False        # True: b = -log(window) inside the sigmoid (an experiment; not Eq. 5)
 alibi = 'balanced'          # 'balanced', 'balanced_paper_code', 'negative', 'positive', 'none'
 rope = True                 # rotate queries and keys by position (RoPE)
 rope_base = 10000.0         # RoPE's base period

@@ -26,6 +26,7 @@ n_head = 6
 n_embd = 384
 dropout = 0.2
 attn = 'sigmoid'
+sigmoid_bias = False
 alibi = 'balanced'
 rope = True
 rope_base = 10000.0
