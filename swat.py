@@ -23,7 +23,7 @@ from kernel import (attended_pairs, check_head_size, is_int, is_number, query_ch
 from runtime import peak_bf16_flops
 
 ATTENTION_KINDS = ('sigmoid', 'softmax')
-ALIBI_MODES = ('balanced', 'balanced_paper_code', 'negative', 'positive', 'none')
+ALIBI_MODES = ('balanced', 'balanced_paper_code', 'balanced_gentle', 'negative', 'positive', 'none')
 
 
 def check_sink_tokens(sink_tokens):
@@ -94,19 +94,28 @@ class SWATConfig:
 # its own, and a head whose slope is negative would let old tokens fade out entirely. SWAT keeps
 # half the heads negative (they look at what is near) and gives the other half positive slopes
 # (they keep older tokens in the window alive), so the model can still see the whole window.
+#
+# balanced_gentle is an experiment on the positive half, not yet measured. A slope of +1/2 adds
+# 63.5 to the logit of a key 127 tokens back: past the first ten or so keys every weight is
+# the sigmoid of a large number, about 1 whatever q . k says, so such a head sums its window
+# almost unweighted, and the gradient through p (1 - p) vanishes there. The hypothesis: positive
+# slopes 2^-5 .. 2^-(4+H/2), at most about +4 over a window of 128, still favour older tokens
+# but leave the choice of keys to q . k. The negative half stays as in Eq. 4.
 
 def alibi_slopes(n_head, mode='balanced'):
     """Per-head slopes, shape (n_head,), float32, in the paper's sign (bias = s_h * (m - n))."""
-    if mode in ('balanced', 'balanced_paper_code'):
+    if mode in ('balanced', 'balanced_paper_code', 'balanced_gentle'):
         if n_head % 2 != 0:
             raise ValueError(f"alibi={mode!r} splits the heads in two halves and needs an even "
                              f"n_head, got n_head={n_head}; use an even n_head or another alibi "
                              f"mode from {ALIBI_MODES}")
-        if mode == 'balanced':                      # Eq. 4: 1/2, 1/4, ..., 2^-(H/2) in each half
-            half = torch.tensor([2.0 ** -k for k in range(1, n_head // 2 + 1)])
-        else:                                       # the paper's released code: 2^(-8(i+1)/H)
+        if mode == 'balanced_paper_code':           # the paper's released code: 2^(-8(i+1)/H)
             half = torch.tensor([2.0 ** (-8.0 * (i + 1) / n_head) for i in range(n_head // 2)])
-        return torch.cat([-half, half])             # the negative half first, then the positive
+            return torch.cat([-half, half])
+        # Eq. 4: 1/2, 1/4, ..., 2^-(H/2) in each half; gentle: 2^-5, ..., 2^-(4+H/2) positive
+        half = torch.tensor([2.0 ** -k for k in range(1, n_head // 2 + 1)])
+        positive = half / 16 if mode == 'balanced_gentle' else half
+        return torch.cat([-half, positive])         # the negative half first, then the positive
     if mode in ('negative', 'positive'):
         # standard ALiBi magnitudes 2^(-8h/H), h = 1..H
         magnitudes = torch.tensor([2.0 ** (-8.0 * h / n_head) for h in range(1, n_head + 1)])

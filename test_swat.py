@@ -387,8 +387,14 @@ def test_alibi_slopes():
     assert torch.equal(alibi_slopes(8, 'positive'), -alibi_slopes(8, 'negative'))
     assert torch.equal(alibi_slopes(4, 'none'), torch.zeros(4))
     assert alibi_slopes(6).dtype == torch.float32
-    with pytest.raises(ValueError, match='even n_head'):
-        alibi_slopes(5)
+    # gentle: Eq. 4's negative half, then positive slopes 2^-5 .. 2^-(4+H/2)
+    assert alibi_slopes(12, 'balanced_gentle').tolist() == ([-2.0 ** -k for k in range(1, 7)] +
+                                                            [2.0 ** -k for k in range(5, 11)])
+    assert alibi_slopes(2, 'balanced_gentle').tolist() == [-0.5, 2.0 ** -5]
+    assert alibi_slopes(6, 'balanced_gentle').dtype == torch.float32
+    for mode in ('balanced', 'balanced_paper_code', 'balanced_gentle'):
+        with pytest.raises(ValueError, match=f"alibi='{mode}' splits the heads .*even n_head"):
+            alibi_slopes(5, mode)
     with pytest.raises(ValueError, match='balanced'):
         alibi_slopes(4, 'sideways')
 
@@ -438,7 +444,7 @@ def test_config_takes_what_is_valid():
 
 @pytest.mark.usefixtures('reference_attention')
 @pytest.mark.parametrize('attn', ['sigmoid', 'softmax'])
-@pytest.mark.parametrize('alibi', ['balanced', 'negative', 'positive', 'none'])
+@pytest.mark.parametrize('alibi', ['balanced', 'balanced_gentle', 'negative', 'positive', 'none'])
 def test_model_forward_backward(attn, alibi):
     torch.manual_seed(0)
     model = SWAT(tiny_config(attn=attn, alibi=alibi)).to(DEVICE)

@@ -71,7 +71,8 @@ n_embd = 384                # the width; the head size n_embd / n_head must be 1
 dropout = 0.2               # a small corpus overfits quickly; 0.0 for pretraining on large data
 attn = 'sigmoid'            # 'sigmoid' (SWAT) or 'softmax' (the sliding-window baseline)
 sigmoid_bias = False        # True: b = -log(window) inside the sigmoid (an experiment; not Eq. 5)
-alibi = 'balanced'          # 'balanced', 'balanced_paper_code', 'negative', 'positive', 'none'
+alibi = 'balanced'          # 'balanced', 'balanced_paper_code', 'balanced_gentle' (an
+                            # experiment: positive slopes 2^-5 ..), 'negative', 'positive', 'none'
 rope = True                 # rotate queries and keys by position (RoPE)
 rope_base = 10000.0         # RoPE's base period
 vocab_size = 50304          # GPT-2's 50257 tokens padded up to a multiple of 64
