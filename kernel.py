@@ -9,8 +9,8 @@ sees, itself included):
 q and k arrive already rotated by RoPE. Slopes use the paper's sign: a negative s_h penalises
 distance (recency), a positive s_h rewards it (keeps older tokens in view). b is a constant,
 0 in the paper; Ramapuram et al. 2024 ("Theory, Analysis, and Best Practices for Sigmoid
-Self-Attention") found sigmoid attention without one unstable, and with b = -log(w) a window
-of w equal logits sums to about one, as a softmax does.
+Self-Attention") found sigmoid attention without one unstable; with b = -log(w) the weights of
+a window of w keys whose logits are 0 sum to w / (w + 1), about one, as a softmax's do.
 
 This file holds two implementations of that one equation:
 - swat_attention_reference: plain PyTorch einsums, the readable definition, any device.
