@@ -23,7 +23,8 @@ from kernel import (attended_pairs, check_head_size, is_int, is_number, query_ch
 from runtime import peak_bf16_flops
 
 ATTENTION_KINDS = ('sigmoid', 'softmax')
-ALIBI_MODES = ('balanced', 'balanced_paper_code', 'balanced_gentle', 'negative', 'positive', 'none')
+ALIBI_MODES = ('balanced', 'balanced_paper_code', 'balanced_gentle', 'negative', 'positive',
+               'none')
 
 
 def check_sink_tokens(sink_tokens):
