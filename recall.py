@@ -13,6 +13,8 @@ against d in the three bands.
                                                     # (each training in one go: scored at its end)
     python recall.py --action=eval                  # tables and plot from the trainings' scores
     python recall.py --action=train --seeds=1       # the trainings of one seed (a batch of them)
+    python recall.py --trainings=vanilla --changes='n_pairs=4' --out_root=out-recall-p4
+                                                    # one kind of model on a variant of the task
     python recall.py --preset=tiny --device=cpu     # the whole pipeline at a toy size, on a CPU:
                                                     # it learns nothing (see RESULTS.md, section 6)
 
@@ -57,8 +59,11 @@ an H200, and the tiny preset on a 2-core CPU, which runs every step of the bench
 models learn nothing of the task.
 """
 
+import ast
+import dataclasses
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -81,11 +86,15 @@ out_root = 'out-recall'     # the checkpoints go to out_root/<training>-s<seed>
 jobs = 7 if torch.cuda.is_available() else 1  # trainings at the same time (they share the GPU)
 seeds = ''                  # which of the preset's seeds to train, e.g. '1' or '2,3'; '' for all:
                             # a benchmark too long for one machine runs in batches
+trainings = ''              # which trainings (TRAININGS), e.g. 'vanilla' or 'vanilla,swat'; '' all
+changes = ''                # fields of the preset to change, as keyword arguments, e.g.
+                            # 'n_pairs=4, learning_rate=3e-3': a variant (give it its own out_root)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # of the trainings and the evaluation
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
                             # of the matmuls: 'float32', 'bfloat16', 'float16'
 plot = 'recall.png'         # the plot, in out_root (the table beside it, as .md); '' for none
-config_keys = ['preset', 'action', 'out_root', 'jobs', 'seeds', 'device', 'dtype', 'plot']
+config_keys = ['preset', 'action', 'out_root', 'jobs', 'seeds', 'trainings', 'changes', 'device',
+               'dtype', 'plot']
 # -----------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(ROOT, 'data', 'recall')
@@ -149,6 +158,39 @@ PRESETS = {
                    warmup_iters=20,
                    seeds=(1,), points_per_band=3, eval_examples=32),
 }
+
+
+def changed_preset(name, changes=''):
+    """PRESETS[name] with the fields `changes` names changed: keyword arguments as Python
+    literals, e.g. 'n_pairs=4, score_steps=(1200, 2400)'. SystemExit with one line for a preset,
+    a field or a value that does not exist or does not fit."""
+    if name not in PRESETS:
+        raise SystemExit(f"preset={name!r}: expected one of {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    if not changes:
+        return p
+    fields = {f.name: type(getattr(p, f.name)) for f in dataclasses.fields(p)}
+    try:
+        call = ast.parse(f"f({changes})", mode='eval').body
+        if not isinstance(call, ast.Call) or call.args or None in [kw.arg for kw in call.keywords]:
+            raise ValueError
+        values = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError):
+        raise SystemExit(f"changes={changes!r}: expected fields of a preset and their values, "
+                         f"e.g. 'n_pairs=4, learning_rate=3e-3'") from None
+    for key, value in values.items():
+        if key not in fields:
+            raise SystemExit(f"changes={changes!r}: {key} is not a field of a preset; expected "
+                             f"some of {', '.join(fields)}")
+        expected = fields[key]
+        if expected is float and type(value) is int:
+            values[key] = value = float(value)
+        if type(value) is not expected:
+            raise SystemExit(f"changes={changes!r}: {key}={value!r}, expected a value of type "
+                             f"{expected.__name__}")
+    return dataclasses.replace(p, **values)
+
+
 # The fields that fix the data: data/recall/meta.json records them, to tell stale data.
 DATA_FIELDS = ('block_size', 'n_keys', 'n_values', 'n_pairs', 'train_examples', 'val_examples')
 
@@ -407,7 +449,8 @@ def run_command(cmd, **kwargs):
 
 
 def prepare_command():
-    return command(os.path.join('data', 'recall', 'prepare.py'), dict(preset=preset))
+    variant = dict(changes=changes) if changes else {}
+    return command(os.path.join('data', 'recall', 'prepare.py'), dict(preset=preset, **variant))
 
 
 def data_is_prepared(p):
@@ -462,6 +505,18 @@ def selected_seeds(p):
     return chosen
 
 
+def selected_trainings():
+    """The trainings to run and evaluate: those `trainings` names, or all of TRAININGS; SystemExit
+    with one line for a name that is not one."""
+    if not trainings:
+        return list(TRAININGS)
+    chosen = trainings.split(',')
+    if not set(chosen) <= set(TRAININGS):
+        raise SystemExit(f"trainings={trainings!r}: expected some of {', '.join(TRAININGS)}, "
+                         f"comma-separated, or '' for all")
+    return [name for name in TRAININGS if name in chosen]
+
+
 def run_trainings(p):
     """Prepare the data if needed, then run every training of the selected seeds that has not
     finished, `jobs` at a time; each logs to its out_dir/train.log, runs to each of p.score_steps in turn and is scored
@@ -470,7 +525,7 @@ def run_trainings(p):
     saves a checkpoint at its next log step, and none runs on after recall.py."""
     if not data_is_prepared(p) and run_command(prepare_command()).wait() != 0:
         raise SystemExit("data/recall/prepare.py failed")
-    todo = [(name, seed, settings) for seed in selected_seeds(p) for name in TRAININGS
+    todo = [(name, seed, settings) for seed in selected_seeds(p) for name in selected_trainings()
             if (settings := next_stage(p, name, seed)) is not None]
     # each training is scored as soon as it reaches a scoring step: scores.json is the result
     scorer = Scorer(p, band_distances(p.window, p.n_layer, p.max_distance, p.points_per_band))
@@ -524,11 +579,14 @@ def print_commands(p):
     """The commands that run the whole benchmark, one per line: for a GPU session elsewhere.
     Each training runs to its end in one go, so --action=eval scores it there alone: the steps
     before (the learning curve) need recall.py --action=train."""
-    print(' '.join(prepare_command()))
+    print(shlex.join(prepare_command()))
     for seed in selected_seeds(p):
-        for name in TRAININGS:
-            print(' '.join(command('train.py', train_settings(p, name, seed))))
-    print(f"python recall.py --preset={preset} --action=eval --out_root={out_root}")
+        for name in selected_trainings():
+            print(shlex.join(command('train.py', train_settings(p, name, seed))))
+    variant = {key: value for key, value in dict(trainings=trainings, changes=changes).items()
+               if value}
+    print(shlex.join(command('recall.py', dict(preset=preset, action='eval', out_root=out_root,
+                                               **variant))))
 
 
 # -----------------------------------------------------------------------------
@@ -540,8 +598,8 @@ SCORES = 'scores.json'       # each finished training's accuracies, beside its c
 def evaluation_settings(p, distances):
     """What a training's scores depend on besides its weights: a scores.json made with other
     settings is stale."""
-    return dict(tasks=list(TASKS), distances=list(distances), eval_examples=p.eval_examples,
-                n_values=p.n_values, eval_seed=EVAL_SEED, score_steps=list(p.score_steps))
+    return dict(tasks=list(TASKS), distances=list(distances), eval_seed=EVAL_SEED,
+                preset=json.loads(json.dumps(dataclasses.asdict(p))))   # its tuples as lists
 
 
 def saved_scores(p, name, seed, distances):
@@ -607,7 +665,7 @@ def evaluate(p, distances):
     over the seeds whose training has finished (a reading with none is left out, and said so).
     From each training's scores.json; a finished training not scored at its end is scored now."""
     scorer, found = Scorer(p, distances), {}
-    for name in TRAININGS:
+    for name in selected_trainings():
         for seed in p.seeds:
             scores = saved_scores(p, name, seed, distances)
             if p.max_iters not in scores and \
@@ -620,6 +678,8 @@ def evaluate(p, distances):
                          f"--preset={preset} --action=train first")
     accuracy, curves = {}, {}
     for label, name, _ in READINGS:
+        if name not in selected_trainings():
+            continue
         seeds = [seed for seed in p.seeds if (name, seed) in found]
         if len(seeds) < len(p.seeds):
             print(f"{label}: {len(seeds)} of {len(p.seeds)} trainings of {name} finished")
@@ -736,9 +796,10 @@ def plot_path():
 
 
 def check_settings():
-    """The preset, or SystemExit with one line for a setting that cannot work."""
-    if preset not in PRESETS:
-        raise SystemExit(f"preset={preset!r}: expected one of {', '.join(PRESETS)}")
+    """The preset (with its changes), or SystemExit with one line for a setting that cannot
+    work."""
+    p = changed_preset(preset, changes)
+    selected_trainings()
     if action not in ACTIONS:
         raise SystemExit(f"action={action!r}: expected one of {', '.join(ACTIONS)}")
     if jobs < 1:
@@ -749,7 +810,6 @@ def check_settings():
         check_folder(out_root, 'out_root')  # where the checkpoints go
     if plot and action in ('eval', 'all'):           # say so now, not after the evaluation
         check_plot(plot_path())
-    p = PRESETS[preset]
     check_vocabulary(p)
     selected_seeds(p)
     return p

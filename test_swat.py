@@ -3143,6 +3143,51 @@ def test_commands_of_some_seeds(recall_settings, capsys):
     assert sorted(set(seeds)) == ['1', '3'] and len(seeds) == 2 * len(TRAININGS)
 
 
+def test_a_preset_with_changes():
+    p = recall.changed_preset('default', "n_pairs=4, learning_rate=3e-3, score_steps=(100, 200)")
+    assert (p.n_pairs, p.learning_rate, p.score_steps, p.max_iters) == (4, 3e-3, (100, 200), 200)
+    assert dataclasses.replace(p, n_pairs=16, learning_rate=1e-3,
+                               score_steps=RECALL_DEFAULT.score_steps) == RECALL_DEFAULT
+    assert recall.changed_preset('tiny', 'learning_rate=1').learning_rate == 1.0   # an int: float
+    assert recall.changed_preset('tiny', '') == RECALL_TINY
+
+
+@pytest.mark.parametrize('changes, expected', [
+    ('n_pair=4', 'n_pair is not a field of a preset; expected some of n_layer, '),
+    ('n_pairs=4.5', 'n_pairs=4.5, expected a value of type int'),
+    ('score_steps=100', 'score_steps=100, expected a value of type tuple'),
+    ('4', 'expected fields of a preset and their values'),
+    ('n_pairs=len("ab")', 'expected fields of a preset and their values'),
+    ('n_pairs=4) + (1', 'expected fields of a preset and their values'),
+])
+def test_changes_that_do_not_fit_a_preset_are_one_line(changes, expected):
+    message = exit_message(recall.changed_preset, 'default', changes)
+    assert message.startswith(f"changes={changes!r}: ") and expected in message
+
+
+def test_commands_of_some_trainings_on_a_variant(recall_settings, capsys):
+    recall.main(['--action=commands', '--trainings=swa,vanilla', "--changes=n_pairs=4",
+                 '--seeds=1'])
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if not line.startswith('override:')]
+    assert lines[0] == "python data/recall/prepare.py --preset=default --changes=n_pairs=4"
+    assert [re.search(r'--out_dir=\S+', line)[0] for line in lines[1:-1]] == [
+        '--out_dir=out-recall/vanilla-s1', '--out_dir=out-recall/swa-s1']
+    assert lines[-1].endswith('--trainings=swa,vanilla --changes=n_pairs=4')
+    message = exit_message(recall.main, ['--action=commands', '--trainings=swat,full'])
+    assert message == ("trainings='swat,full': expected some of " + ', '.join(TRAININGS) +
+                       ", comma-separated, or '' for all")
+
+
+@slow
+def test_recall_prepare_writes_a_variant(tmp_path):
+    script = os.path.join(ROOT, 'data', 'recall', 'prepare.py')
+    proc = run(script, '--preset=tiny', '--changes=n_pairs=2, train_examples=50',
+               f'--out_dir={tmp_path}')
+    meta = json.loads((tmp_path / 'meta.json').read_text())
+    assert (meta['n_pairs'], meta['train_examples']) == (2, 50), proc.stdout
+
+
 @pytest.mark.parametrize('seeds', ['4', '1,x', ','])
 def test_seeds_not_in_the_preset_are_one_line(recall_settings, seeds):
     message = exit_message(recall.main, ['--action=commands', '--preset=default',

@@ -3,6 +3,7 @@
     python data/recall/prepare.py                   # the default preset of recall.py
     python data/recall/prepare.py --preset=tiny     # the toy one
     python data/recall/prepare.py --out_dir=data-copy/recall
+    python data/recall/prepare.py --changes='n_pairs=4'   # a variant, as recall.py --changes
 
 The examples are recall.py's (see its docstring), a random mix of its three tasks: passkeys in
 text (the filler from data/shakespeare/train.bin here, and from the held-out plays of val.bin
@@ -36,13 +37,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # from any cwd.
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from configurator import apply_overrides  # noqa: E402
-from recall import (DATA_FIELDS, PRESETS, check_vocabulary, make_examples,  # noqa: E402
+from recall import (DATA_FIELDS, changed_preset, check_vocabulary, make_examples,  # noqa: E402
                     shakespeare_tokens)
 from tokenizer import replacing  # noqa: E402
 from training import check_folder  # noqa: E402
 
 # -----------------------------------------------------------------------------
 preset = 'default'      # a preset of recall.py: the example length, the vocabulary, the counts
+changes = ''            # fields of the preset to change, as recall.py --changes takes them
 out_dir = HERE          # where to write the files
 seed = 0                # the examples' random seed
 # -----------------------------------------------------------------------------
@@ -77,7 +79,5 @@ def prepare(p, out_dir=HERE, seed=0):
 
 
 if __name__ == '__main__':
-    apply_overrides(globals(), ['preset', 'out_dir', 'seed'])     # --key=value
-    if preset not in PRESETS:
-        raise SystemExit(f"preset={preset!r}: expected one of {', '.join(PRESETS)}")
-    prepare(PRESETS[preset], out_dir, seed)
+    apply_overrides(globals(), ['preset', 'changes', 'out_dir', 'seed'])     # --key=value
+    prepare(changed_preset(preset, changes), out_dir, seed)
