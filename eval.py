@@ -213,20 +213,17 @@ def evaluate(model, tokens, starts, L, sink_tokens, rows, device, ctx):
 # what each head does
 
 @torch.no_grad()
-def head_statistics(model, x):
-    """Per layer and head of model reading x (B, T): the mean weight its attention gives the key
-    d tokens back, for d = 0 .. min(w, T) - 1 (over the queries at least d into x), (n_layer, H,
-    min(w, T)); and the mean norm of the head's output, its weighted sum of values before the
-    output projection, (n_layer, H). For a sigmoid model a weight is sigmoid(q . k / sqrt(D) +
-    s_h d + b), each key's own (b: 0, or -log(w) with sigmoid_bias); for softmax, its share of
-    the query's attention. Written out densely, T x T per head: a probe of the model, not a way
-    to read long texts."""
+def attention_weights(model, x):
+    """Layer by layer, model's attention weights reading x (B, T), (B, H, T, T), and its values
+    (B, H, T, D). For a sigmoid model a weight is sigmoid(q . k / sqrt(D) + s_h d + b), each
+    key's own (b: 0, or -log(w) with sigmoid_bias); for softmax, its share of the query's
+    attention. Written out densely, T x T per head: a probe of the model, not a way to read long
+    texts."""
     cfg = model.config
     B, T = x.shape
     H, D = cfg.n_head, cfg.n_embd // cfg.n_head
     cos_sin = model.rope_table(T, x.device)
     hidden = model.transformer.wte(x)
-    weight_at, norm = [], []
     for block in model.transformer.h:
         attn = block.attn
         q, k, v = attn.c_attn(block.ln_1(hidden)).split(cfg.n_embd, dim=2)
@@ -236,12 +233,22 @@ def head_statistics(model, x):
         # + s_h (m - n) inside the window, -inf outside it: Eq. 5's logits, every query at once
         bias = window_bias(0, T, 0, attn.slopes.float(), cfg.window)            # (H, T, T)
         logits = q @ k.transpose(-2, -1) / math.sqrt(D) + bias
-        weights = (torch.sigmoid(logits + attn.logit_bias) if attn.kind == 'sigmoid'
-                   else logits.softmax(dim=-1))
-        weight_at.append(torch.stack([weights.diagonal(-d, dim1=-2, dim2=-1).mean(dim=(0, 2))
-                                      for d in range(min(cfg.window, T))], dim=-1))  # (H, w)
-        norm.append((weights @ v).norm(dim=-1).mean(dim=(0, 2)))                    # (H,)
+        yield (torch.sigmoid(logits + attn.logit_bias) if attn.kind == 'sigmoid'
+               else logits.softmax(dim=-1)), v
         hidden = block(hidden, cos_sin)
+
+
+def head_statistics(model, x):
+    """Per layer and head of model reading x (B, T): the mean weight its attention gives the key
+    d tokens back, for d = 0 .. min(w, T) - 1 (over the queries at least d into x), (n_layer, H,
+    min(w, T)); and the mean norm of the head's output, its weighted sum of values before the
+    output projection, (n_layer, H). The weights: attention_weights."""
+    weight_at, norm = [], []
+    for weights, v in attention_weights(model, x):
+        weight_at.append(torch.stack([weights.diagonal(-d, dim1=-2, dim2=-1).mean(dim=(0, 2))
+                                      for d in range(min(model.config.window, x.size(1)))],
+                                     dim=-1))                                  # (H, w)
+        norm.append((weights @ v).norm(dim=-1).mean(dim=(0, 2)))                    # (H,)
     return torch.stack(weight_at), torch.stack(norm)
 
 
