@@ -15,6 +15,7 @@ against d in the three bands.
     python recall.py --action=train --seeds=1       # the trainings of one seed (a batch of them)
     python recall.py --trainings=vanilla --changes='n_pairs=4' --out_root=out-recall-p4
                                                     # one kind of model on a variant of the task
+    python recall.py --action=heads --trainings=vanilla   # the weight each head gives the fact
     python recall.py --preset=tiny --device=cpu     # the whole pipeline at a toy size, on a CPU:
                                                     # it learns nothing (see RESULTS.md, section 6)
 
@@ -74,14 +75,15 @@ import numpy as np
 import torch
 
 from configurator import apply_overrides
-from eval import check_plot, load_model, write_result
+from eval import attention_weights, check_plot, load_model, write_result
 from runtime import setup_device_and_precision
 from swat import CheckpointError, load_checkpoint
 from training import check_folder, prepare_dataset
 
 # -----------------------------------------------------------------------------
 preset = 'default'          # a name from PRESETS: the models, the task, the trainings, the seeds
-action = 'all'              # 'commands' (print them), 'train', 'eval', or 'all' (train, then eval)
+action = 'all'              # 'commands' (print them), 'train', 'eval', 'all' (train, then eval),
+                            # or 'heads' (where the trained models' heads look: fact_weights)
 out_root = 'out-recall'     # the checkpoints go to out_root/<training>-s<seed>
 jobs = 7 if torch.cuda.is_available() else 1  # trainings at the same time (they share the GPU)
 seeds = ''                  # which of the preset's seeds to train, e.g. '1' or '2,3'; '' for all:
@@ -98,7 +100,7 @@ config_keys = ['preset', 'action', 'out_root', 'jobs', 'seeds', 'trainings', 'ch
 # -----------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(ROOT, 'data', 'recall')
-ACTIONS = ('commands', 'train', 'eval', 'all')
+ACTIONS = ('commands', 'train', 'eval', 'all', 'heads')
 
 
 @dataclass(frozen=True)
@@ -619,6 +621,14 @@ def saved_scores(p, name, seed, distances):
     return {} if 0 < steps < max(scores, default=0) else scores
 
 
+def evaluation_examples(p, distances, text):
+    """{(task, d): (tokens, answers)}: the evaluation's examples, p.eval_examples of each task at
+    each distance, the same for every model and every run (text: the held-out plays' tokens)."""
+    return {(task, d): make_examples(task, np.random.default_rng([EVAL_SEED, i, d]),
+                                     p.eval_examples, p, text, d)
+            for i, task in enumerate(TASKS) for d in distances}
+
+
 class Scorer:
     """Scores trainings on the evaluation's examples, the same ones for every model (made at the
     first use: they need the held-out plays), and adds the scores to each one's scores.json."""
@@ -633,9 +643,7 @@ class Scorer:
         p, distances = self.p, self.distances
         if self.examples is None:
             text = shakespeare_tokens('val')            # the held-out plays
-            self.examples = {(task, d): make_examples(task, np.random.default_rng(
-                [EVAL_SEED, i, d]), p.eval_examples, p, text, d)
-                for i, task in enumerate(TASKS) for d in distances}
+            self.examples = evaluation_examples(p, distances, text)
         t0, step = time.time(), trained_steps(checkpoint_dir(name, seed))
         model, _ = load_model(checkpoint_dir(name, seed), 0, p.example_length, device)
         scores = {}
@@ -692,6 +700,59 @@ def evaluate(p, distances):
                                           for step in p.score_steps] for seed in seeds])
                          for task in TASKS}
     return accuracy, curves
+
+
+# -----------------------------------------------------------------------------
+# Where the heads look: how much weight the question gives its fact, head by head. A model that
+# answers from the window must put weight there; one whose weight fades with the distance while
+# the fact is still in view loses it among the other tokens.
+
+@torch.no_grad()
+def fact_weights(model, tokens, answers, distance, batch_size=16):
+    """(n_layer, H): each head's attention weight from a question to its fact, averaged over the
+    answers of examples whose facts all sit `distance` back (make_examples(..., distance=d)):
+    from the position whose output is the answer (the question's key) to the fact's value,
+    `distance` tokens before it. Weights as eval.attention_weights gives them."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, len(tokens), batch_size):
+        x = torch.from_numpy(tokens[i:i + batch_size, :-1]).to(device)
+        b, m = torch.from_numpy(answers[i:i + batch_size, 1:]).to(device).nonzero(as_tuple=True)
+        total = total + torch.stack([weights[b, :, m, m - distance].sum(dim=0)
+                                     for weights, _ in attention_weights(model, x)])
+    return total / int(answers[:, 1:].sum())
+
+
+def format_fact_weights(label, weights, distances):
+    """A markdown table: a row per layer, a column per distance, each cell the largest weight a
+    head of that layer gives the fact (and which head). weights: {d: (n_layer, H)}."""
+    lines = [f"{label}: the largest weight a head of each layer gives the fact (the head)", '',
+             '| layer | ' + ' | '.join(str(d) for d in distances) + ' |',
+             '|---|' + '---|' * len(distances)]
+    for layer in range(len(weights[distances[0]])):
+        cells = [f"{weights[d][layer].max():.2f} (h{int(weights[d][layer].argmax())})"
+                 for d in distances]
+        lines.append(f"| {layer} | " + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def print_heads(p, distances):
+    """For every finished training of the selected ones, per task, format_fact_weights."""
+    examples = evaluation_examples(p, distances, shakespeare_tokens('val'))
+    _, ctx = setup_device_and_precision(device, dtype)
+    for name in selected_trainings():
+        for seed in p.seeds:
+            if trained_steps(checkpoint_dir(name, seed)) < p.max_iters:
+                continue
+            model, _ = load_model(checkpoint_dir(name, seed), 0, p.example_length, device)
+            label = next(label for label, reading, sinks in READINGS if reading == name)
+            for task in TASKS:
+                with ctx:
+                    weights = {d: fact_weights(model, *examples[task, d], d).float().cpu()
+                               for d in distances}
+                print()
+                print(format_fact_weights(f"{label}, seed {seed}, {TASK_TITLES[task]}",
+                                          weights, distances))
 
 
 def mean_std(values):
@@ -822,6 +883,9 @@ def main(args=None):
     p = check_settings()
     if action == 'commands':
         print_commands(p)
+        return
+    if action == 'heads':
+        print_heads(p, band_distances(p.window, p.n_layer, p.max_distance, p.points_per_band))
         return
     if action in ('train', 'all'):
         run_trainings(p)

@@ -3243,6 +3243,48 @@ def save_checkpoints(out_root, p, names):
                        os.path.join(out_dir, 'ckpt.pt'))
 
 
+def test_fact_weights_where_attention_is_alibi_alone():
+    """A softmax model whose queries and keys are all zero attends by its ALiBi term alone: a
+    query at position m gives the key d back exp(s_h d) / sum_{j=0}^{m} exp(s_h j), so the
+    weight on the fact is the mean of that over the answers' question positions m, per head."""
+    p = RECALL_TINY
+    model = SWAT(SWATConfig(n_layer=2, n_head=2, n_embd=32, window=p.block_size,
+                            block_size=p.block_size, attn='softmax', alibi='negative')).eval()
+    for block in model.transformer.h:
+        block.attn.c_attn.weight.data[:2 * 32] = 0.0                    # q and k: zero
+    d = 9
+    tokens, answers = recall.make_examples('mqar', np.random.default_rng(0), 5, p, distance=d)
+    m = np.nonzero(answers[:, 1:])[1]
+    slopes = alibi_slopes(2, 'negative').double().numpy()
+    expected = [np.mean([np.exp(s * d) / np.exp(s * np.arange(q + 1)).sum() for q in m])
+                for s in slopes]
+    weights = recall.fact_weights(model, tokens, answers, d, batch_size=2)
+    assert torch.allclose(weights, torch.tensor([expected] * 2, dtype=weights.dtype), rtol=1e-5)
+
+
+@pytest.mark.usefixtures('recall_settings')
+def test_recall_heads_prints_a_table_per_training_and_task(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(kernel, 'INTERPRET', False)
+    monkeypatch.setitem(recall.PRESETS, 'tiny', dataclasses.replace(RECALL_TINY, eval_examples=2))
+    save_checkpoints(str(tmp_path), RECALL_TINY, ['vanilla', 'swat'])
+    recall.main(['--preset=tiny', '--action=heads', '--trainings=swat', f'--out_root={tmp_path}',
+                 '--device=cpu', '--dtype=float32'])
+    out = capsys.readouterr().out
+    distances = recall.band_distances(RECALL_TINY.window, RECALL_TINY.n_layer,
+                                      RECALL_TINY.max_distance, RECALL_TINY.points_per_band)
+    assert out.count('the largest weight a head of each layer gives the fact') == len(TASKS)
+    assert 'full attention' not in out and 'SWAT: sigmoid, balanced ALiBi, seed 1, mqar' not in out
+    assert 'SWAT: sigmoid, balanced ALiBi, seed 1, multi-query associative recall' in out
+    header = '| layer | ' + ' | '.join(map(str, distances)) + ' |'
+    assert out.count(header) == len(TASKS)
+    rows = [line for line in out.splitlines() if re.match(r'\| \d \|', line)]
+    assert len(rows) == len(TASKS) * RECALL_TINY.n_layer
+    beyond = [i for i, d in enumerate(distances) if d >= RECALL_TINY.window]
+    for row in rows:                            # beyond the window a windowed model sees nothing
+        cells = row.strip('|').split('|')[1:]
+        assert all(cells[i].strip().startswith('0.00') for i in beyond)
+
+
 @slow                                           # end to end: every model of the preset, table, plot
 def test_eval_of_untrained_checkpoints(recall_settings, tmp_path, capsys, monkeypatch):
     """The whole evaluation, table and plot, on untrained models of the tiny preset (fewer
