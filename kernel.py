@@ -184,8 +184,7 @@ def _weights(a, b, distance, slope, bias, scale, WINDOW, MASKED: tl.constexpr,
              FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """sigmoid(scale * a @ b + slope * distance + bias) for one tile, where a @ b holds q . k
     products and distance the matching m - n. Masked tiles zero what the window hides."""
-    # the ALiBi term and the constant together: slope * distance + bias is one fused
-    # multiply-add, and adding the scaled dot one more, as many as the ALiBi term alone took
+    # the ALiBi term and the constant b shift the scaled dot products alike: one shift per element
     shift = slope * distance.to(tl.float32) + bias
     s = tl.dot(a, b, input_precision=DOT_PRECISION) * scale + shift
     p = _sigmoid(s, FAST_SIGMOID)
