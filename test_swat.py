@@ -3753,9 +3753,11 @@ def test_bench_generate_refuses_settings_that_cannot_work(args, message):
 
 
 @pytest.mark.usefixtures('script_state')
-def test_bench_generate_profiles_a_decode_step():
+def test_bench_generate_profiles_a_decode_step(monkeypatch):
     """--profile's table: every operator of a step with its calls and time, longest first, the
-    matmuls of the layers among them, and the total the sum of the rows."""
+    matmuls of the layers among them, and the total the sum of the rows (on the CPU, where the
+    profiler names operators, on every machine)."""
+    monkeypatch.setattr(bench_generate, 'device', 'cpu')
     torch.manual_seed(0)
     model = SWAT(SWATConfig(n_layer=2, n_head=2, n_embd=32, window=8, block_size=32)).eval()
     rows = bench_generate.step_profile(model, 'graph', 2, steps=5)
