@@ -800,21 +800,25 @@ class SWAT(nn.Module):
 def sample(logits, temperature, top_k):
     """One token per row of logits (B, V), as (B, 1), drawn on the device without a sync.
     argmax(logits / temperature + Gumbel noise) is a draw from softmax(logits / temperature)
-    (the Gumbel-max trick): no normalisation, and no multinomial, which a CUDA graph cannot hold."""
+    (the Gumbel-max trick): no normalisation, and no multinomial, which a CUDA graph cannot hold.
+    With top_k=k the draw is among the k largest logits alone: they are selected first (no sort
+    of all V), in the logits' own dtype (bfloat16 needs half the selection passes of float32),
+    and the noise is drawn for those k, not for all V."""
     if temperature == 0:                                # the limit of ever lower temperatures
         return logits.argmax(dim=-1, keepdim=True)
+    ids = None
+    if top_k is not None and top_k < logits.size(-1):
+        logits, ids = torch.topk(logits, top_k, sorted=False)      # (B, k) each
     logits = logits.float()
-    if top_k is not None:           # the k largest, unsorted: a selection, no sort of all V
-        kth_largest = torch.topk(logits, min(top_k, logits.size(-1)), sorted=False).values.amin(
-            dim=-1, keepdim=True)
-        logits = logits.masked_fill(logits < kth_largest, float('-inf'))
     gumbel = -torch.log(-torch.log(torch.rand_like(logits)))
     # argmax(logits / T + gumbel) is argmax(logits + T * gumbel): scale by whichever of 1 / T and
     # T is at most 1, so that nothing overflows (logits / 1e-45 is inf in float32). A T whose
     # noise vanishes next to the logits then gives the greedy token, the limit as T -> 0.
     if temperature < 1:
-        return (logits + temperature * gumbel).argmax(dim=-1, keepdim=True)
-    return (logits / temperature + gumbel).argmax(dim=-1, keepdim=True)
+        choice = (logits + temperature * gumbel).argmax(dim=-1, keepdim=True)
+    else:
+        choice = (logits / temperature + gumbel).argmax(dim=-1, keepdim=True)
+    return choice if ids is None else ids.gather(-1, choice)   # the column's token id
 
 
 class CUDAGraphStep:

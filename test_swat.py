@@ -957,13 +957,16 @@ def test_sampling_draws_from_the_distribution():
     """sample() with the Gumbel-max trick: greedy at temperature 0, only the top_k tokens with
     top_k, and frequencies of softmax(logits / temperature) (within 5 standard deviations)."""
     torch.manual_seed(0)
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
-    assert torch.equal(swat.sample(logits, 0, None), torch.zeros(20000, 1, dtype=torch.long))
-    assert set(swat.sample(logits, 1.0, 2).flatten().tolist()) == {0, 1}
+    logits = torch.tensor([[0.0, 2.0, -1.0, 1.0]]).repeat(20000, 1)
+    assert torch.equal(swat.sample(logits, 0, None), torch.ones(20000, 1, dtype=torch.long))
+    assert set(swat.sample(logits, 1.0, 2).flatten().tolist()) == {1, 3}
     for temperature in (0.5, 1.0, 2.0, 1e39):  # (1e39: inf as a float32; uniform, its limit)
-        counts = torch.bincount(swat.sample(logits, temperature, None).flatten(), minlength=4)
-        p = F.softmax(logits[0] / temperature, dim=-1)
-        assert ((counts / 20000 - p).abs() <= 5 * (p * (1 - p) / 20000).sqrt()).all(), counts
+        for top_k in (None, 2, 3, 4):           # top_k: softmax over the k largest alone
+            kept = logits[0] >= logits[0].topk(top_k or 4).values.min()
+            p = F.softmax((logits[0] / temperature).masked_fill(~kept, float('-inf')), dim=-1)
+            counts = torch.bincount(swat.sample(logits, temperature, top_k).flatten(), minlength=4)
+            assert ((counts / 20000 - p).abs() <= 5 * (p * (1 - p) / 20000).sqrt()).all(), \
+                (temperature, top_k, counts)
 
 
 @pytest.mark.parametrize('temperature', [1e-45, 1e-38, 1e-30])
