@@ -172,18 +172,21 @@ def apply_rope(x, cos, sin):
 # at the distance min(p, s + w - 1) - j.
 
 class KVCache:
-    """Every layer's keys (before RoPE) and values, (n_layer, B, H, S, D) each, in S =
-    sink_tokens + window slots; the position of the token in each slot (-1: empty) and of the
-    next token to be read."""
+    """Every layer's keys (before RoPE) and values, k[layer] and v[layer], (B, H, S, D) each, in
+    S = sink_tokens + window slots; the position of the token in each slot (-1: empty) and of
+    the next token to be read. A tensor per layer, not one for all: a compiled decode step
+    writes the new token into each in place, where its writes into slices of one large tensor
+    were compiled with copies of the whole of it, every step (at batch 64 on an H200, 130 µs
+    of a 480 µs step; RESULTS.md, section 5)."""
 
     def __init__(self, config, batch_size, sink_tokens, device, dtype):
         check_sink_tokens(sink_tokens)
         self.window, self.sinks = config.window, sink_tokens
         H, D = config.n_head, config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, H, sink_tokens + config.window, D)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.slot_position = torch.full(shape[3:4], -1, device=device)      # (S,)
+        shape = (batch_size, H, sink_tokens + config.window, D)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.slot_position = torch.full(shape[2:3], -1, device=device)      # (S,)
         self.position = torch.zeros((), dtype=torch.long, device=device)    # of the next token
         self.next_slot = torch.zeros(1, dtype=torch.long, device=device)    # the slot it goes to
         # RoPE for every distance a key can have: 0 .. s + w - 1
@@ -202,8 +205,8 @@ class KVCache:
         kept = torch.tensor([p for p in range(T) if p < self.sinks or p > T - self.window],
                             dtype=torch.long, device=k.device)
         slots = self.slot(kept)
-        self.k[layer][:, :, slots] = k[:, :, kept].to(self.k.dtype)
-        self.v[layer][:, :, slots] = v[:, :, kept].to(self.v.dtype)
+        self.k[layer][:, :, slots] = k[:, :, kept].to(self.k[layer].dtype)
+        self.v[layer][:, :, slots] = v[:, :, kept].to(self.v[layer].dtype)
         if layer == len(self.k) - 1:
             self.slot_position[slots] = kept
             self.position.fill_(T)
@@ -227,8 +230,8 @@ class KVCache:
 
     def write(self, layer, k, v):
         """Write the newest token's k, v (B, H, 1, D) into its slot (see next_token)."""
-        self.k[layer].index_copy_(2, self.next_slot, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, self.next_slot, v.to(self.v.dtype))
+        self.k[layer].index_copy_(2, self.next_slot, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, self.next_slot, v.to(self.v[layer].dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -345,14 +348,18 @@ class Attention(nn.Module):
         keys, values = cache.k[layer], cache.v[layer]                       # (B, H, S, D)
         if back_rotation is not None:       # rotate each key back by its distance to the query
             keys = apply_rope(keys, *back_rotation)
+        # One query against S keys is too small for a matmul to pay: as products and sums in
+        # float32 (exact products, as a matmul's), compiled, they fuse with the rotation above
+        # and the weights below into a few kernels instead of a matmul launch each (1.12-1.20x
+        # the tokens/s at batch 1-64 on an H200; uncompiled, the unfused products cost 13-24%).
         scale = q.size(-1) ** -0.5
-        logits = scale * (q @ keys.transpose(-2, -1)).float()               # (B, H, 1, S)
+        logits = scale * (q.float() * keys.float()).sum(-1)                 # (B, H, S)
         bias = self.slopes.float()[:, None] * distance                      # s_h * (m - n)
-        logits = logits + bias.masked_fill(~visible, float('-inf'))[:, None, :]
+        logits = logits + bias.masked_fill(~visible, float('-inf'))
         weights = (torch.sigmoid(logits + self.logit_bias) if self.kind == 'sigmoid'
                    else F.softmax(logits, dim=-1))
-        y = weights.to(values.dtype) @ values                               # (B, H, 1, D)
-        y = y.transpose(1, 2).reshape(B, 1, C)
+        y = (weights[..., None] * values.float()).sum(-2)                   # (B, H, D)
+        y = y.reshape(B, 1, C)
         return self.resid_dropout(self.c_proj(y.to(x.dtype)))
 
 

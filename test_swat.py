@@ -920,9 +920,10 @@ def test_the_cache_never_moves_or_grows():
     model = SWAT(tiny_config(attn='softmax', window=w)).to(DEVICE).eval()
     H, D = model.config.n_head, model.config.n_embd // model.config.n_head
     cache = model.new_cache(3, s)
-    buffers = [cache.k, cache.v, cache.slot_position, cache.position]
+    buffers = [*cache.k, *cache.v, cache.slot_position, cache.position]
     where = [(x.data_ptr(), x.shape) for x in buffers]
-    assert cache.k.shape == (2, 3, H, s + w, D)
+    assert len(cache.k) == len(cache.v) == 2
+    assert all(x.shape == (3, H, s + w, D) for x in cache.k + cache.v)
     token = torch.randint(0, 101, (3, 1), device=DEVICE)
     with torch.no_grad():
         model.prefill(torch.randint(0, 101, (3, 5), device=DEVICE), cache)
