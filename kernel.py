@@ -19,6 +19,7 @@ This file holds two implementations of that one equation:
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
@@ -421,7 +422,9 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, bias, scale, T, H, WINDOW,
 # correctness path, whose exact dots are slow to compile. 16-bit inputs on the GPU time the fast
 # ones on first use and keep the fastest for each head size and window, unless one is pinned;
 # the choice is also written to Triton's cache on disk, so that a later process (the next
-# train.py or sample.py) takes it without timing the candidates again.
+# train.py or sample.py) takes it without timing the candidates again. Before the first timing
+# the candidates are compiled all at once, a thread each: Triton's compiler releases the GIL for
+# most of its work, so they take little more than the slowest of them, not their sum.
 
 PINNED = None   # None: autotune, as above. An index i: run the i-th fast configuration of each
                 # kernel untimed, so one compile per head size and dtype and no timing runs (the
@@ -438,6 +441,16 @@ class _Launcher:
                    for block_m, block_n, num_warps, num_stages in fast]
         self.autotuned = triton.autotune(configs=configs, key=['D', 'WINDOW'],
                                          cache_results=True)(kernel)
+        self.window_at = kernel.arg_names.index('WINDOW')
+        self.compiled = set()               # the autotuner's keys whose candidates are compiled
+
+    def compile_candidates(self, grid, args, kwargs):
+        """Compile every candidate configuration for these arguments, all at once."""
+        with ThreadPoolExecutor(len(self.autotuned.configs)) as pool:
+            jobs = [pool.submit(self.kernel.warmup, *args, grid=grid, **kwargs,
+                                **config.all_kwargs()) for config in self.autotuned.configs]
+            for job in jobs:
+                job.result()                # re-raises a compile error
 
     def __getitem__(self, grid):
         def launch(dtype, config, *args, **kwargs):
@@ -446,6 +459,10 @@ class _Launcher:
             if INTERPRET or dtype == torch.float32:
                 shape = self.small
             elif config is None:
+                key = (dtype, kwargs['D'], args[self.window_at])
+                if key not in self.compiled:
+                    self.compile_candidates(grid, args, kwargs)
+                    self.compiled.add(key)
                 return self.autotuned[grid](*args, **kwargs)
             else:
                 shape = self.fast[config]

@@ -287,6 +287,18 @@ def test_every_autotuner_candidate_matches_ground_truth(config, monkeypatch):
     check_against_ground_truth(*CANDIDATE_SHAPE, torch.bfloat16, 'mixed')
 
 
+@slow                                           # compiles every candidate of each kernel
+@needs_gpu
+def test_autotuning_compiles_every_candidate_at_once_then_picks_one(monkeypatch):
+    """Unpinned, as in train.py: the first call at a new head size and window compiles every
+    candidate of each kernel, all at once, before the autotuner times them; the one it keeps
+    computes Eq. 5 and its gradients."""
+    monkeypatch.setattr(kernel, 'PINNED', None)
+    check_against_ground_truth(1, 2, 300, 64, 77, torch.bfloat16, 'mixed')
+    for launcher in (kernel._forward, kernel._dkdv, kernel._dq):
+        assert (torch.bfloat16, 64, 77) in launcher.compiled
+
+
 @pytest.mark.usefixtures('compiled_kernels')
 @pytest.mark.parametrize('sign', ['positive', 'negative'])
 def test_kernel_slope_signs(sign):
