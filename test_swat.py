@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -1150,6 +1151,43 @@ def test_check_out_dir_refuses_a_read_only_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, 'NamedTemporaryFile', read_only)
     message = exit_message(check_out_dir, str(tmp_path), 'scratch')
     assert 'Read-only file system' in message and '--out_dir' in message
+
+
+def test_the_checkpoint_writer_saves_the_state_of_the_moment_it_was_given(tmp_path, monkeypatch):
+    """train.py's checkpoints are written by a thread while training goes on: the file holds
+    the state as it was at write(), whatever the tensors hold by the time the disk gets it, and
+    is complete after finish(); a second write waits for the first."""
+    disk_ready, save = threading.Event(), training.save_checkpoint_file
+    def slow_disk(checkpoint, path):
+        disk_ready.wait(10)
+        save(checkpoint, path)
+    monkeypatch.setattr(training, 'save_checkpoint_file', slow_disk)
+    first, second = str(tmp_path / 'first.pt'), str(tmp_path / 'second.pt')
+    weights = torch.arange(1_000_000.0)
+    state = {'model': {'w': weights}, 'rng_states': [torch.tensor([1, 2])], 'iter_num': 3}
+    writer = training.CheckpointWriter()
+    writer.write(state, first)
+    weights.add_(1)                         # the next steps, while the file is being written
+    disk_ready.set()
+    writer.write({**state, 'iter_num': 4}, second)
+    assert os.path.exists(first)            # the first was finished before the second began
+    writer.finish()
+    saved = torch.load(first)
+    assert saved['iter_num'] == 3 and torch.equal(saved['model']['w'], torch.arange(1_000_000.0))
+    assert torch.equal(saved['rng_states'][0], torch.tensor([1, 2]))
+    assert torch.equal(torch.load(second)['model']['w'], weights)
+    writer.finish()                         # nothing in flight: returns at once
+
+
+def test_a_failed_background_write_is_raised_by_the_next_call(tmp_path, monkeypatch):
+    def full_disk(checkpoint, path):
+        raise SystemExit(f"cannot save the checkpoint {path} (disk full)")
+    monkeypatch.setattr(training, 'save_checkpoint_file', full_disk)
+    writer = training.CheckpointWriter()
+    writer.write({'iter_num': 1}, str(tmp_path / 'ckpt.pt'))
+    with pytest.raises(SystemExit, match='disk full'):
+        writer.finish()
+    writer.finish()                         # raised once
 
 
 def test_save_checkpoint_file_replaces_the_old_one(tmp_path):

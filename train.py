@@ -41,11 +41,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import apply_overrides
 from runtime import setup_device_and_precision
 from swat import SWAT, CUDAGraphStep, SWATConfig
-from training import (StopFlag, changed_settings, check_mask_file, check_out_dir, check_settings,
-                      check_token_file, get_batch, get_lr, load_for_resume, merge_model_args,
-                      micro_batches_per_process, most_scored_targets, non_finite,
+from training import (CheckpointWriter, StopFlag, changed_settings, check_mask_file, check_out_dir,
+                      check_settings, check_token_file, get_batch, get_lr, load_for_resume,
+                      merge_model_args, micro_batches_per_process, most_scored_targets, non_finite,
                       out_of_memory_advice, prepare_dataset, prepare_optimizer, restore_rng_state,
-                      rng_state, save_checkpoint_file, set_learning_rate)
+                      rng_state, set_learning_rate)
 
 # -----------------------------------------------------------------------------
 # default settings: a small SWAT on Shakespeare
@@ -324,17 +324,25 @@ def estimate_loss():
     comparable); the ranks share them out and add up their sums."""
     out = {}
     raw_model.eval()                        # no dropout while measuring
-    for split in ('train', 'val'):
-        total = torch.zeros((), device=device)
-        for k in range(rank, eval_iters, world_size):
-            X, Y = get_batch(data_dir, split, ('eval', k), seed, block_size, batch_size,
-                             device=device, example_length=example_length)
-            total += eval_batch_loss(X, Y)
-        if ddp:
-            dist.all_reduce(total)
-        out[split] = total.item() / eval_iters
+    # The blocks are compiled for training: without gradients, torch.compile would compile them
+    # a second time, seconds at the first evaluation to gain a fraction of a millisecond a batch.
+    # So evaluation runs them as written (on a GPU inside its CUDA graph, where the launches of
+    # their unfused kernels cost nothing).
+    with torch.compiler.set_stance('force_eager'):
+        for split in ('train', 'val'):
+            total = torch.zeros((), device=device)
+            for k in range(rank, eval_iters, world_size):
+                X, Y = get_batch(data_dir, split, ('eval', k), seed, block_size, batch_size,
+                                 device=device, example_length=example_length)
+                total += eval_batch_loss(X, Y)
+            if ddp:
+                dist.all_reduce(total)
+            out[split] = total.item() / eval_iters
     raw_model.train()
     return out
+
+
+checkpoints = CheckpointWriter()            # the file is written while the training goes on
 
 
 def save_checkpoint():
@@ -363,7 +371,7 @@ def save_checkpoint():
         'rng_states': rng_states,           # one per rank: the dropout masks to come
     }
     print(f"saving checkpoint to {ckpt_path}")
-    save_checkpoint_file(checkpoint, ckpt_path)  # all or nothing: never half a file
+    checkpoints.write(checkpoint, ckpt_path)  # all or nothing: never half a file
 
 
 def diverged(what):
@@ -456,6 +464,7 @@ while True:
 
     if stop_now:
         save_checkpoint()
+        checkpoints.finish()                # the file complete before we say so
         log(f"stopped at iter {iter_num} by {signal.Signals(stop_now).name}: {ckpt_path} holds "
             f"this state. To continue, run the same command with --init_from=resume")
         if ddp:
@@ -463,6 +472,7 @@ while True:
             dist.destroy_process_group()
         raise SystemExit(128 + stop_now)    # the status a process killed by the signal has
 
+checkpoints.finish()
 log(f"done: final train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
     f"(best {best_val_loss:.4f}) at iter {iter_num}, wall time {time.time() - t_start:.1f}s")
 if ddp:

@@ -18,6 +18,7 @@ import runpy
 import signal
 import sys
 import tempfile
+import threading
 import warnings
 
 import numpy as np
@@ -119,6 +120,51 @@ def save_checkpoint_file(checkpoint, path):
                          f"previous one there, if any, is intact: make room (or pick another "
                          f"--out_dir, with ckpt.pt copied over) and continue with "
                          f"--init_from=resume") from None
+
+
+def on_the_cpu(state):
+    """A copy of state (tensors in dicts, lists and tuples) with every tensor copied to the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to('cpu', copy=True)
+    if isinstance(state, dict):
+        return type(state)((key, on_the_cpu(value)) for key, value in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_the_cpu(value) for value in state)
+    return state
+
+
+class CheckpointWriter:
+    """Checkpoints written while training goes on. write(checkpoint, path) copies the state to
+    the CPU, which takes a few milliseconds, and a thread writes the file with
+    save_checkpoint_file, the part that takes a second (a few hundred MB, forced onto the disk);
+    the GPU has already moved on to the next steps. Only one write is ever in flight: the next
+    write() and finish() wait for it first, and re-raise its failure (a full disk: SystemExit
+    with its one line). The thread is not a daemon, so even a run that stops on an error ends
+    only after the file it was writing is complete."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def write(self, checkpoint, path):
+        self.finish()
+        checkpoint = on_the_cpu(checkpoint)
+        self.thread = threading.Thread(target=self._write, args=(checkpoint, path))
+        self.thread.start()
+
+    def _write(self, checkpoint, path):
+        try:
+            save_checkpoint_file(checkpoint, path)
+        except BaseException as e:          # SystemExit included: raised in the main thread
+            self.error = e
+
+    def finish(self):
+        """Wait for the write in flight, if any; raise what made it fail."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
 
 
 def non_finite(state, name=''):
