@@ -1,5 +1,5 @@
 # The default run, written out: a 30M SWAT (6 x 6 x 384, window 128, sequences of 512), Shakespeare.
-# One H200: 2000 steps in 77 s, compile included, to a val loss of 4.753 (measured: RESULTS.md).
+# One H200: 2000 steps in 69 s, compile included, to a val loss of 4.753 (measured: RESULTS.md).
 #
 #   python train.py config/train_shakespeare.py      # the same as python train.py
 #
