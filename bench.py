@@ -5,6 +5,8 @@ Times swat_attention next to the attention a user would otherwise reach for, on 
     python bench.py --sigmoid=exact --sweep_lengths=   # exact sigmoid, six shapes only
     python bench.py --mode=train         # training throughput of a GPT-2-small-sized model
     python bench.py --mode=loss          # the output layer and its cross-entropy alone
+    python bench.py --mode=loss --loss_rows=8192 --loss_width=384 --loss_chunks=1024,2048,4096,8192
+                                         # ... at the default train.py model's shape
 
 The default, --mode=attention, times the six shapes (D, H) = (64, 12), (128, 8) with w = 128,
 512, 2048, at B * T = tokens, in three tables:
@@ -80,13 +82,14 @@ train_shape = '12,12,768'  # --mode=train: n_layer,n_head,n_embd (train.py's def
 train_graph = True      # --mode=train: each step recorded as a CUDA graph, as train.py on one GPU
 train_profile = True    # --mode=train: where a step's GPU time goes, from the profiler
 fused_loss = True       # swat.FUSED_LOSS in --mode=train: the loss's elementwise work compiled
-loss_rows = 32768       # rows of the loss in --mode=loss
+loss_rows = 32768       # rows of the loss in --mode=loss ...
+loss_width = 768        # ... and their width C (train.py's default model: 8192 rows of 384)
 loss_chunks = '1024,2048,4096'  # chunk sizes of the chunked loss in --mode=loss
 SETTINGS = ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths', 'repeats',
             'host_calls', 'mode',
             'train_lengths', 'train_window', 'train_tokens', 'train_compile', 'train_shape',
             'train_graph', 'train_profile', 'fused_loss',
-            'loss_rows', 'loss_chunks']
+            'loss_rows', 'loss_width', 'loss_chunks']
 # -----------------------------------------------------------------------------
 
 compiled_flex = torch.compile(flex_attention, dynamic=False)    # compiles at its first call
@@ -124,6 +127,12 @@ def apply_settings(args):
         raise SystemExit(f"repeats={repeats}: expected 3 or more (a median and a spread)")
     if host_calls < 1:
         raise SystemExit(f"host_calls={host_calls}: expected 1 or more")
+    for key in ('loss_rows', 'loss_width'):
+        if globals()[key] < 1:
+            raise SystemExit(f"{key}={globals()[key]}: expected 1 or more")
+    if not all(c.isdigit() and int(c) > 0 for c in loss_chunks.split(',')):
+        raise SystemExit(f"loss_chunks={loss_chunks!r}: expected comma-separated chunk sizes, "
+                         f"e.g. 1024,2048")
     if not torch.cuda.is_available():
         raise SystemExit("bench.py times GPU kernels and needs a CUDA GPU, but torch sees none "
                          "here; on a CPU, python bench_generate.py --device=cpu times generation")
@@ -587,7 +596,7 @@ def installed_peers():
 
 def loss_alone():
     torch.manual_seed(0)
-    N, C, V = loss_rows, 768, 50304
+    N, C, V = loss_rows, loss_width, 50304
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
           f"\nthe output layer and its cross-entropy: N = {N}, C = {C}, V = {V}, bfloat16, "
           f"forward+backward")

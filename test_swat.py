@@ -3851,6 +3851,8 @@ def test_bench_says_it_needs_a_gpu():
     ('--sweep_window=0', 'sweep_window=0: expected a window of 1 or more'),
     ('--repeats=2', 'repeats=2: expected 3 or more (a median and a spread)'),
     ('--host_calls=0', 'host_calls=0: expected 1 or more'),
+    ('--loss_width=0', 'loss_width=0: expected 1 or more'),
+    ('--loss_chunks=1024,', "loss_chunks='1024,': expected comma-separated chunk sizes"),
 ])
 def test_bench_refuses_settings_that_cannot_work(monkeypatch, arg, message):
     """Before the GPU is looked for, and so on any machine."""
