@@ -16,6 +16,8 @@ against d in the three bands.
     python recall.py --trainings=vanilla --changes='n_pairs=4' --out_root=out-recall-p4
                                                     # one kind of model on a variant of the task
     python recall.py --action=heads --trainings=vanilla   # the weight each head gives the fact
+    python recall.py --action=pairs --trainings=vanilla   # MQAR with 1, 2, 4 .. pairs: which
+                                                    # answers are another pair's value
     python recall.py --preset=tiny --device=cpu     # the whole pipeline at a toy size, on a CPU:
                                                     # it learns nothing (see RESULTS.md, section 6)
 
@@ -83,7 +85,8 @@ from training import check_folder, prepare_dataset
 # -----------------------------------------------------------------------------
 preset = 'default'          # a name from PRESETS: the models, the task, the trainings, the seeds
 action = 'all'              # 'commands' (print them), 'train', 'eval', 'all' (train, then eval),
-                            # or 'heads' (where the trained models' heads look: fact_weights)
+                            # or 'heads' (where the trained models' heads look: fact_weights),
+                            # 'pairs' (MQAR with fewer pairs: fewer_pairs_table)
 out_root = 'out-recall'     # the checkpoints go to out_root/<training>-s<seed>
 jobs = 7 if torch.cuda.is_available() else 1  # trainings at the same time (they share the GPU)
 seeds = ''                  # which of the preset's seeds to train, e.g. '1' or '2,3'; '' for all:
@@ -100,7 +103,7 @@ config_keys = ['preset', 'action', 'out_root', 'jobs', 'seeds', 'trainings', 'ch
 # -----------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(ROOT, 'data', 'recall')
-ACTIONS = ('commands', 'train', 'eval', 'all', 'heads')
+ACTIONS = ('commands', 'train', 'eval', 'all', 'heads', 'pairs')
 
 
 @dataclass(frozen=True)
@@ -755,6 +758,66 @@ def print_heads(p, distances):
                                           weights, distances))
 
 
+# -----------------------------------------------------------------------------
+# MQAR with fewer pairs. A model that answers one pair at every distance but fails with more has
+# not lost the fact over the distance: it finds a value, the wrong one, confusing the keys. So
+# the same trained model answers examples of 1, 2, 4 .. n_pairs pairs, and of its wrong answers
+# we count those that are another value in view.
+
+@torch.no_grad()
+def answers_in_view(predict, tokens, answers, device='cpu'):
+    """(right, in_view), a bool per answer of the examples (tokens, answers as make_examples
+    gives them), in row order: whether predict(x, where) got it, and whether what it predicted
+    is a value already in view, one of the tokens before the answer."""
+    tokens = torch.from_numpy(tokens).to(device)
+    x, where = tokens[:, :-1], torch.from_numpy(answers[:, 1:]).to(device)
+    predicted = predict(x, where)
+    rows, columns = where.nonzero(as_tuple=True)
+    before = torch.arange(x.size(1), device=device) <= columns[:, None]     # (answers, T)
+    in_view = ((x[rows] == predicted[:, None]) & before).any(dim=1)
+    return predicted == tokens[:, 1:][where], in_view
+
+
+def fewer_pairs_table(label, predict, p, distances, ctx, device='cpu'):
+    """A markdown table: MQAR accuracy at each distance for examples of 1, 2, 4 .. n_pairs pairs
+    (p.eval_examples examples each, the same for every model), and the share of the wrong
+    answers that are another value in view."""
+    counts = sorted({2 ** i for i in range(p.n_pairs.bit_length()) if 2 ** i < p.n_pairs}
+                    | {p.n_pairs})
+    lines = [f"{label}: MQAR accuracy (%) with fewer pairs; of the wrong answers, the share "
+             f"that is a value in view", '',
+             '| pairs | ' + ' | '.join(f"d = {d}" for d in distances) + ' | wrong: a value in view |',
+             '|---|' + '---|' * (len(distances) + 1)]
+    for n in counts:
+        fewer = dataclasses.replace(p, n_pairs=n)
+        cells, wrong, wrong_in_view = [], 0, 0
+        for d in distances:
+            examples = make_examples('mqar', np.random.default_rng([EVAL_SEED, n, d]),
+                                     p.eval_examples, fewer, distance=d)
+            with ctx:
+                right, in_view = answers_in_view(predict, *examples, device)
+            cells.append(f"{100 * right.float().mean():.1f}")
+            wrong += int((~right).sum())
+            wrong_in_view += int((~right & in_view).sum())
+        share = f"{100 * wrong_in_view / wrong:.0f}%" if wrong else '-'
+        lines.append(f"| {n} | " + ' | '.join(cells) + f" | {share} |")
+    return '\n'.join(lines)
+
+
+def print_fewer_pairs(p, distances):
+    """fewer_pairs_table for every finished training of the selected ones."""
+    _, ctx = setup_device_and_precision(device, dtype)
+    for name in selected_trainings():
+        for seed in p.seeds:
+            if trained_steps(checkpoint_dir(name, seed)) < p.max_iters:
+                continue
+            model, _ = load_model(checkpoint_dir(name, seed), 0, p.example_length, device)
+            label = next(label for label, reading, sinks in READINGS if reading == name)
+            print()
+            print(fewer_pairs_table(f"{label}, seed {seed}", model_predictor(model, p.n_values),
+                                    p, distances, ctx, device))
+
+
 def mean_std(values):
     """Mean and standard deviation (over the seeds; 0 for a single seed) of values."""
     values = np.asarray(values)
@@ -884,8 +947,9 @@ def main(args=None):
     if action == 'commands':
         print_commands(p)
         return
-    if action == 'heads':
-        print_heads(p, band_distances(p.window, p.n_layer, p.max_distance, p.points_per_band))
+    if action in ('heads', 'pairs'):
+        distances = band_distances(p.window, p.n_layer, p.max_distance, p.points_per_band)
+        (print_heads if action == 'heads' else print_fewer_pairs)(p, distances)
         return
     if action in ('train', 'all'):
         run_trainings(p)

@@ -11,6 +11,7 @@ run on it, and the GPU-only cases add full sizes, bfloat16 and torch.compile.
 """
 
 import ast
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -3314,6 +3315,67 @@ def test_fact_weights_where_attention_is_alibi_alone():
                 for s in slopes]
     weights = recall.fact_weights(model, tokens, answers, d, batch_size=2)
     assert torch.allclose(weights, torch.tensor([expected] * 2, dtype=weights.dtype), rtol=1e-5)
+
+
+def fake_predictors(p):
+    """predict(x, where) functions for recall's scoring: the right value at every answer (the
+    token after the question key's first occurrence, its fact); the first value in the answer's
+    example (in view of every answer, the right one only by chance); an id no example holds."""
+    def right(x, where):
+        found = []
+        for row, column in where.nonzero().tolist():
+            fact = (x[row, :column] == x[row, column]).nonzero()[0, 0]
+            found.append(x[row, fact + 1])
+        return torch.stack(found)
+    def first_value(x, where):
+        is_value = (x >= VALUE_BASE) & (x < VALUE_BASE + p.n_values)
+        first = x.gather(1, is_value.int().argmax(dim=1, keepdim=True)).expand_as(x)
+        return first[where]
+    def absent(x, where):
+        return torch.full((int(where.sum()),), VALUE_BASE + p.n_values)
+    return right, first_value, absent
+
+
+def test_answers_in_view_tells_a_confused_answer_from_a_guess():
+    p = RECALL_TINY
+    tokens, answers = recall.make_examples('mqar', np.random.default_rng(0), 20, p, distance=9)
+    n = int(answers[:, 1:].sum())
+    right, first_value, absent = fake_predictors(p)
+    got, in_view = recall.answers_in_view(right, tokens, answers)
+    assert got.shape == in_view.shape == (n,) and got.all() and in_view.all()
+    got, in_view = recall.answers_in_view(first_value, tokens, answers)
+    assert in_view.all() and 0 < got.sum() < n
+    got, in_view = recall.answers_in_view(absent, tokens, answers)
+    assert not got.any() and not in_view.any()
+
+
+def test_fewer_pairs_table_has_a_row_per_pair_count():
+    p = dataclasses.replace(RECALL_TINY, n_pairs=4, eval_examples=8)
+    right, first_value, _ = fake_predictors(p)
+    distances = [2, 9, 20]
+    table = recall.fewer_pairs_table('a', right, p, distances, contextlib.nullcontext())
+    rows = [line for line in table.splitlines() if re.match(r'\| \d+ \|', line)]
+    assert [row.split('|')[1].strip() for row in rows] == ['1', '2', '4']
+    assert all(row == f"| {n} | 100.0 | 100.0 | 100.0 | - |" for row, n in zip(rows, (1, 2, 4)))
+    table = recall.fewer_pairs_table('a', first_value, p, distances, contextlib.nullcontext())
+    rows = [line for line in table.splitlines() if re.match(r'\| \d+ \|', line)]
+    assert rows[0] == '| 1 | 100.0 | 100.0 | 100.0 | - |'     # one pair: its value is the first
+    assert all(row.endswith('| 100% |') for row in rows[1:])
+
+
+@pytest.mark.usefixtures('recall_settings')
+def test_recall_pairs_prints_a_table_per_finished_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(kernel, 'INTERPRET', False)
+    monkeypatch.setitem(recall.PRESETS, 'tiny', dataclasses.replace(RECALL_TINY, eval_examples=2))
+    save_checkpoints(str(tmp_path), RECALL_TINY, ['vanilla', 'swat'])
+    recall.main(['--preset=tiny', '--action=pairs', '--trainings=vanilla,swat-negative,swat',
+                 f'--out_root={tmp_path}', '--device=cpu', '--dtype=float32'])
+    out = capsys.readouterr().out                   # (swat-negative has no checkpoint: no table)
+    assert out.count('MQAR accuracy (%) with fewer pairs') == 2
+    assert 'full attention (vanilla), seed 1:' in out
+    assert 'SWAT: sigmoid, balanced ALiBi, seed 1:' in out
+    rows = [line for line in out.splitlines() if re.match(r'\| \d+ \|', line)]
+    assert [row.split('|')[1].strip() for row in rows] == ['1', '2', '4'] * 2
 
 
 @pytest.mark.usefixtures('recall_settings')
