@@ -739,23 +739,29 @@ def format_fact_weights(label, weights, distances):
     return '\n'.join(lines)
 
 
-def print_heads(p, distances):
-    """For every finished training of the selected ones, per task, format_fact_weights."""
-    examples = evaluation_examples(p, distances, shakespeare_tokens('val'))
-    _, ctx = setup_device_and_precision(device, dtype)
+def finished_models(p):
+    """(label, seed, model) for every finished training of the selected ones."""
     for name in selected_trainings():
         for seed in p.seeds:
             if trained_steps(checkpoint_dir(name, seed)) < p.max_iters:
                 continue
             model, _ = load_model(checkpoint_dir(name, seed), 0, p.example_length, device)
             label = next(label for label, reading, sinks in READINGS if reading == name)
-            for task in TASKS:
-                with ctx:
-                    weights = {d: fact_weights(model, *examples[task, d], d).float().cpu()
-                               for d in distances}
-                print()
-                print(format_fact_weights(f"{label}, seed {seed}, {TASK_TITLES[task]}",
-                                          weights, distances))
+            yield label, seed, model
+
+
+def print_heads(p, distances):
+    """For every finished training of the selected ones, per task, format_fact_weights."""
+    examples = evaluation_examples(p, distances, shakespeare_tokens('val'))
+    _, ctx = setup_device_and_precision(device, dtype)
+    for label, seed, model in finished_models(p):
+        for task in TASKS:
+            with ctx:
+                weights = {d: fact_weights(model, *examples[task, d], d).float().cpu()
+                           for d in distances}
+            print()
+            print(format_fact_weights(f"{label}, seed {seed}, {TASK_TITLES[task]}", weights,
+                                      distances))
 
 
 # -----------------------------------------------------------------------------
@@ -784,10 +790,10 @@ def fewer_pairs_table(label, predict, p, distances, ctx, device='cpu'):
     answers that are another value in view."""
     counts = sorted({2 ** i for i in range(p.n_pairs.bit_length()) if 2 ** i < p.n_pairs}
                     | {p.n_pairs})
+    columns = [f"d = {d}" for d in distances] + ['wrong: a value in view']
     lines = [f"{label}: MQAR accuracy (%) with fewer pairs; of the wrong answers, the share "
-             f"that is a value in view", '',
-             '| pairs | ' + ' | '.join(f"d = {d}" for d in distances) + ' | wrong: a value in view |',
-             '|---|' + '---|' * (len(distances) + 1)]
+             f"that is a value in view", '', '| pairs | ' + ' | '.join(columns) + ' |',
+             '|---|' + '---|' * len(columns)]
     for n in counts:
         fewer = dataclasses.replace(p, n_pairs=n)
         cells, wrong, wrong_in_view = [], 0, 0
@@ -807,15 +813,10 @@ def fewer_pairs_table(label, predict, p, distances, ctx, device='cpu'):
 def print_fewer_pairs(p, distances):
     """fewer_pairs_table for every finished training of the selected ones."""
     _, ctx = setup_device_and_precision(device, dtype)
-    for name in selected_trainings():
-        for seed in p.seeds:
-            if trained_steps(checkpoint_dir(name, seed)) < p.max_iters:
-                continue
-            model, _ = load_model(checkpoint_dir(name, seed), 0, p.example_length, device)
-            label = next(label for label, reading, sinks in READINGS if reading == name)
-            print()
-            print(fewer_pairs_table(f"{label}, seed {seed}", model_predictor(model, p.n_values),
-                                    p, distances, ctx, device))
+    for label, seed, model in finished_models(p):
+        print()
+        print(fewer_pairs_table(f"{label}, seed {seed}", model_predictor(model, p.n_values), p,
+                                distances, ctx, device))
 
 
 def mean_std(values):

@@ -325,7 +325,7 @@ def estimate_loss():
     out = {}
     raw_model.eval()                        # no dropout while measuring
     # The blocks are compiled for training: without gradients, torch.compile would compile them
-    # a second time, seconds at the first evaluation to gain a fraction of a millisecond a batch.
+    # a second time, seconds at the first evaluation to gain about a millisecond a batch.
     # So evaluation runs them as written (on a GPU inside its CUDA graph, where the launches of
     # their unfused kernels cost nothing).
     with torch.compiler.set_stance('force_eager'):
