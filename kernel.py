@@ -424,7 +424,7 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, bias, scale, T, H, WINDOW,
 # the choice is also written to Triton's cache on disk, so that a later process (the next
 # train.py or sample.py) takes it without timing the candidates again. Before the first timing
 # the candidates are compiled all at once, a thread each: Triton's compiler releases the GIL for
-# most of its work, so they take little more than the slowest of them, not their sum.
+# most of its work, so together they take a fraction of their sum (RESULTS.md, section 3).
 
 PINNED = None   # None: autotune, as above. An index i: run the i-th fast configuration of each
                 # kernel untimed, so one compile per head size and dtype and no timing runs (the
