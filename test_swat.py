@@ -60,7 +60,7 @@ from kernel import swat_attention, swat_attention_reference, swat_backward, swat
 from swat import (SWAT, CheckpointError, CUDAGraphStep, SWATConfig, alibi_slopes, apply_rope,
                   load_checkpoint, rope_cos_sin)
 from recall import (FACT, KEY_BASE, MIN_DISTANCE, PRESETS, QUERY, TASKS, TRAININGS, VALUE_BASE,
-                    answer_logits, band, band_distances, make_example, make_examples,
+                    answer_logits, band, band_distances, is_task_id, make_example, make_examples,
                     model_predictor, receptive_field, score)
 from tokenizer import EOT, gpt2_tokenizer
 from training import (StopFlag, changed_settings, check_mask_file, check_out_dir, check_settings,
@@ -3163,6 +3163,40 @@ def test_prepare_writes_the_answers_and_only_them(tmp_path):
             assert scored.any()                     # every sequence train.py reads scores some
     with open(tmp_path / 'meta.json') as f:
         assert json.load(f) == {k: getattr(p, k) for k in recall.DATA_FIELDS}
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'default'])
+def test_induction_answers_follow_the_earlier_occurrence_in_view(preset):
+    p = PRESETS[preset]
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        tokens, answers = recall.induction_example(rng, p)
+        assert answers.sum() >= len(tokens) // 4            # dense: most of every repeat scores
+        for a in np.flatnonzero(answers):
+            # found from the tokens alone: the token before the answer occurred exactly once
+            # before, in view, and the answer is the token that followed it there
+            query = a - 1
+            earlier = np.flatnonzero(tokens[:query] == tokens[query])
+            assert len(earlier) == 1 and query - p.window < earlier[0] < query - 1
+            assert tokens[earlier[0] + 1] == tokens[a] and is_task_id(tokens[a:a + 1], p)
+
+
+def test_induction_share_is_the_share_of_the_training_mix(filler_text):
+    def mix(p, seed, n):
+        return make_examples(None, np.random.default_rng(seed), n, p, filler_text)
+    p = dataclasses.replace(RECALL_TINY, induction_share=0.5)
+    _, answers = mix(p, 3, 400)
+    dense = (answers.sum(axis=1) > p.n_pairs).mean()   # a passkey scores 1 answer, mqar n_pairs
+    assert 0.4 < dense < 0.6
+    rng = np.random.default_rng(3)                     # share 0: the mix of before, draw for draw
+    before = [make_example(TASKS[rng.integers(len(TASKS))], rng, RECALL_TINY, filler_text)
+              for _ in range(20)]
+    tokens, answers = mix(RECALL_TINY, 3, 20)
+    assert all(np.array_equal(t, bt) and np.array_equal(m, bm)
+               for t, m, (bt, bm) in zip(tokens, answers, before))
+    for share in (1.0, -0.1):
+        message = exit_message(recall.check_task, dataclasses.replace(p, induction_share=share))
+        assert message.startswith(f"induction_share={share}: expected 0 <= share < 1")
 
 
 def test_train_settings_make_every_row(recall_settings):

@@ -7,7 +7,8 @@
 
 The examples are recall.py's (see its docstring), a random mix of its three tasks: passkeys in
 text (the filler from data/shakespeare/train.bin here, and from the held-out plays of val.bin
-for val.bin) or in random tokens, and multi-query associative recall. Every example is exactly
+for val.bin) or in random tokens, and multi-query associative recall; and, in the share the
+preset's induction_share gives (0 by default), its training-only induction task. Every example is exactly
 example_length = block_size + 1 tokens, and the examples are laid end to end.
 
 The files, in the format train.py reads:
@@ -37,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # from any cwd.
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from configurator import apply_overrides  # noqa: E402
-from recall import (DATA_FIELDS, changed_preset, check_vocabulary, make_examples,  # noqa: E402
+from recall import (DATA_FIELDS, changed_preset, check_task, make_examples,  # noqa: E402
                     shakespeare_tokens)
 from tokenizer import replacing  # noqa: E402
 from training import check_folder  # noqa: E402
@@ -55,7 +56,7 @@ def prepare(p, out_dir=HERE, seed=0):
     p; return {split: (examples, answers)}. The settings and out_dir are checked first; the
     files go to .tmp files and replace the old ones together when all are complete, so an
     interrupted run or a full disk leaves the files that were there (see tokenizer.replacing)."""
-    check_vocabulary(p)
+    check_task(p)
     if seed < 0:
         raise SystemExit(f"--seed={seed}: expected 0 or more")
     check_folder(out_dir, 'out_dir')
