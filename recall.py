@@ -31,8 +31,8 @@ The tasks, generated on the fly (no downloads), the answers given as single toke
   Zoology, each query sits at a chosen distance from its pair (there: a power-law gap).
 - induction, for training only, in a share of the examples (the preset's induction_share, 0 by
   default): blocks of key and value ids, each repeated from a random one of them on, every token
-  of the repeat an answer (induction_example). MQAR's matching, scored at every token, as a way
-  to have it learnt first: `--changes='induction_share=0.5'`, not yet measured.
+  of the repeat an answer (induction_example): MQAR's matching, scored at every token, so that
+  it is learnt (`--changes='induction_share=0.5'`; RESULTS.md, section 6, says what it does).
 
 The distance d of a question is measured the way attention sees it: from the position whose
 output must be the answer (the query's key) back to the fact's value token. The query sees that
@@ -385,14 +385,15 @@ def make_example(task, rng, p, text=None, distance=None):
 
 def induction_example(rng, p):
     """(tokens, answers) of the induction task, for training only: blocks of s = window // 2
-    key and value ids, no id twice in an example, each followed by the same ids again from a random one of them
-    on (the cycle continued). Every token of the repeat is an answer: in the block, it followed
-    the token before it; except the repeat's first and the one after the block's last id (the
-    block does not say what follows that). This is what MQAR needs, a head that finds the
-    token after the earlier occurrence of the current one (an induction head), scored at every
-    token of a repeat instead of once per pair: at a toy size this model and a plain GPT form
-    such a head within 12,000 steps on this task, and neither does on MQAR in 30,000 (RESULTS.md,
-    section 6). The whole block is in every model's window; filler fills the rest."""
+    key and value ids (no id twice in an example), each followed by the same ids again from a
+    random one of them on (the cycle continued). Every token of the repeat is an answer: in the
+    block, it followed the token before it; except the repeat's first and the one after the
+    block's last id (the block does not say what follows that). This is what MQAR needs, a head
+    that finds the token after the earlier occurrence of the current one (an induction head),
+    scored at every token of a repeat instead of once per pair: at a toy size this model and a
+    plain GPT form such a head within 12,000 steps on this task, and neither does on MQAR in
+    30,000; with this task in half its examples, full attention learns MQAR at the default size
+    (RESULTS.md, section 6). The whole block is in every model's window; filler fills the rest."""
     length = p.example_length
     ids = np.concatenate([KEY_BASE + np.arange(p.n_keys), VALUE_BASE + np.arange(p.n_values)])
     s = max(2, min(p.window // 2, length // 2, len(ids)))
