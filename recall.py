@@ -92,7 +92,7 @@ action = 'all'              # 'commands' (print them), 'train', 'eval', 'all' (t
                             # or 'heads' (where the trained models' heads look: fact_weights),
                             # 'pairs' (MQAR with fewer pairs: fewer_pairs_table)
 out_root = 'out-recall'     # the checkpoints go to out_root/<training>-s<seed>
-jobs = 7 if torch.cuda.is_available() else 1  # trainings at the same time (they share the GPU)
+jobs = 8 if torch.cuda.is_available() else 1  # trainings at the same time (they share the GPU)
 seeds = ''                  # which of the preset's seeds to train, e.g. '1' or '2,3'; '' for all:
                             # a benchmark too long for one machine runs in batches
 trainings = ''              # which trainings (TRAININGS), e.g. 'vanilla' or 'vanilla,swat'; '' all
@@ -215,6 +215,7 @@ TRAININGS = {
     'vanilla': dict(attn='softmax', alibi='none', window=None),
     'swa': dict(attn='softmax', alibi='none'),
     'swat': dict(attn='sigmoid', alibi='balanced'),
+    'swat-bias': dict(attn='sigmoid', alibi='balanced', sigmoid_bias=True),
     'swat-negative': dict(attn='sigmoid', alibi='negative'),
     'swat-positive': dict(attn='sigmoid', alibi='positive'),
     'swat-nonalibi': dict(attn='sigmoid', alibi='none'),
@@ -227,6 +228,7 @@ READINGS = [
     ('softmax SWA', 'swa', 0),
     ('softmax SWA + 4 sinks', 'swa', 4),
     ('SWAT: sigmoid, balanced ALiBi', 'swat', 0),
+    ('sigmoid, balanced, b = -log w', 'swat-bias', 0),
     ('sigmoid, negative ALiBi', 'swat-negative', 0),
     ('sigmoid, positive ALiBi', 'swat-positive', 0),
     ('sigmoid, no ALiBi', 'swat-nonalibi', 0),

@@ -3205,6 +3205,7 @@ def test_train_settings_make_every_row(recall_settings):
         s = recall.train_settings(p, name, 2)
         assert s['window'] == (p.block_size if name == 'vanilla' else p.window)
         assert (s['attn'], s['alibi']) == (kind['attn'], kind['alibi'])
+        assert s.get('sigmoid_bias', False) == (name == 'swat-bias')
         assert s['example_length'] == p.block_size + 1 and s['dataset'] == 'recall'
         assert s['out_dir'] == os.path.join(recall.out_root, f'{name}-s2')
         SWATConfig(**{k: v for k, v in s.items() if k in SWATConfig.__dataclass_fields__})
