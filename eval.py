@@ -10,6 +10,19 @@ The README's comparison (train the presets first; each writes its own out_dir):
 is an out_dir (or a path to its ckpt.pt), optionally followed by `:sinks=K` and/or `:window=W`,
 which override --sink_tokens and --window for that checkpoint alone.
 
+Seed groups. An entry may name several out_dirs joined with +, the same model trained with
+different seeds; the options, written once after the last, apply to every one of them:
+
+    python eval.py --checkpoints=out-swat-s1+out-swat-s2+out-swat-s3,out-swa-s1+out-swa-s2:sinks=4
+
+Each member is read as a checkpoint of its own would be, and the row shows mean ± std over them,
+the std the sample one (ddof=1), e.g. 4.735 ± 0.012 (a group of one: its plain value); the plot
+draws the mean in a band of ± one std. The row's label writes what the members' names share at
+the start and the end once and what differs in braces, as a shell would expand it:
+out-swat-s{1,2,3} (names all alike are joined with +). The members must be the same kind of
+model, the same model_args in their checkpoints (attn, alibi, window, n_layer, ...): the seed is
+the one thing a group averages over.
+
 For each checkpoint and each evaluation length L this reads stretches of L + 1 consecutive
 tokens from the held-out documents of data/<dataset>/val.bin (documents end with the
 <|endoftext|> token; a stretch never crosses one), runs the model over each stretch in ONE
@@ -57,6 +70,7 @@ from training import check_folder, check_token_file, write_failure
 
 # -----------------------------------------------------------------------------
 checkpoints = 'out'         # comma-separated out_dirs or ckpt.pt paths, each maybe :sinks=K:window=W
+                            # (a+b+c: a seed group, one row of mean ± std)
 dataset = 'shakespeare'     # reads data/<dataset>/val.bin
 lengths = '128,512,2048,8192,32768'  # evaluation lengths, comma-separated
 window = 0                  # 0: each model's own window; W > 0: window W; -1: full attention
@@ -79,8 +93,12 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
 
 def parse_checkpoint(spec, default_window, default_sinks):
-    """'out-swa:sinks=4' -> ('out-swa', window, sinks): the path and its evaluation settings."""
+    """'out-swa:sinks=4' -> ('out-swa', window, sinks): the path and its evaluation settings.
+    The path of a seed group is its members' joined with +: 'out-s1+out-s2:sinks=4'."""
     path, *options = spec.split(':')
+    if '' in path.split('+'):
+        raise SystemExit(f"checkpoint {spec!r}: an out_dir is missing; expected an out_dir, or "
+                         f"several joined with + (a seed group), before any :option")
     settings = {'window': default_window, 'sinks': default_sinks}
     for option in options:
         key, _, value = option.partition('=')
@@ -116,13 +134,49 @@ def load_model(path, eval_window, full_window, device):
         raise SystemExit(str(e)) from None
 
     # label: the out_dir's name and what kind of model it is
-    name = os.path.basename(os.path.normpath(os.path.dirname(checkpoint_path(path)) or '.'))
+    name = checkpoint_name(path)
     w = 'full' if eval_window == FULL else f"{eval_window}"
     if eval_window != trained and not (eval_window == FULL and trained >= args['block_size']):
         w += f" (trained {trained})"
     rope = 'rope' if args['rope'] else 'no rope'
     label = f"{name} ({args['attn']}, alibi {args['alibi']}, {rope}, w={w})"
     return model, label
+
+
+def checkpoint_name(path):
+    """The name of the out_dir that holds the checkpoint at path (an out_dir or a ckpt.pt)."""
+    return os.path.basename(os.path.normpath(os.path.dirname(checkpoint_path(path)) or '.'))
+
+
+def check_same_kind(paths):
+    """SystemExit with one line unless the checkpoints of a seed group hold the same kind of model:
+    the same model_args (the seed is not one of them). Called once load_model has read each, so
+    reading them again cannot fail, and costs little next to the evaluation."""
+    (first, expected), *others = [(path, load_checkpoint(path)['model_args']) for path in paths]
+    for path, args in others:
+        differ = [f"{key}={expected.get(key)!r} vs {args.get(key)!r}"
+                  for key in {**expected, **args} if expected.get(key) != args.get(key)]
+        if differ:
+            raise SystemExit(f"seed group {'+'.join(paths)!r}: {first} and {path} are not the same "
+                             f"kind of model ({', '.join(differ)}); a group is one model trained "
+                             f"with different seeds")
+
+
+def group_label(paths, labels):
+    """A seed group's row label from its members' paths and load_model labels (the out_dir's name,
+    then what kind of model it is, read how: alike for all): the names with what they share at
+    the start and the end written once and what differs in braces, out-swat-s{1,2,3}, never
+    splitting a number (s{1,12}, not s1{,2}); names all alike are joined with +. A group of one:
+    its member's label."""
+    names = [checkpoint_name(path) for path in paths]
+    kind = labels[0][len(names[0]):]
+    if len(set(names)) == 1:                # one member, or out_dirs of one name in other folders
+        return '+'.join(names) + kind
+    start = re.sub(r'[0-9]+$', '', os.path.commonprefix(names))
+    rests = [name[len(start):] for name in names]
+    end = re.sub(r'^[0-9]+', '', os.path.commonprefix([rest[::-1] for rest in rests])[::-1])
+    middles = [rest[:len(rest) - len(end)] for rest in rests]
+    return f"{start}{{{','.join(middles)}}}{end}{kind}"
 
 
 def check_plot(path):
@@ -207,6 +261,37 @@ def evaluate(model, tokens, starts, L, sink_tokens, rows, device, ctx):
             loss = stretch_loss(model, x, y, sink_tokens)
         total += loss * len(batch)                  # every row has L targets: weight by rows
     return total / len(starts)
+
+
+def losses_by_length(model, label, sinks, tokens, starts, ctx):
+    """The model's loss at each evaluation length L (starts: {L: its stretches}), None where it
+    has none (no document is that long), and a line about each."""
+    losses = []
+    for L, at in starts.items():
+        if not at:
+            print(f"{label}  L={L}: skipped, no document has {L + 1} tokens")
+            losses.append(None)
+            continue
+        t0 = time.time()
+        rows = max(1, min(batch_size, max_batch_tokens // L))
+        loss = evaluate(model, tokens, at, L, sinks, rows, device, ctx)
+        if not math.isfinite(loss):
+            print(f"warning: {label} at L={L} has a non-finite loss {loss}")
+        print(f"{label}  L={L}: {loss:.4f} nats/token over {len(at) * L:,} tokens "
+              f"({len(at)} stretches) in {time.time() - t0:.1f} s")
+        losses.append(loss)
+    return losses
+
+
+def mean_std(losses):
+    """A seed group's cell at one length from its members' losses: their mean and sample
+    standard deviation (ddof=1); the std is None for a group of one, both are None where the
+    length was skipped (for every member alike: the stretches depend on the length alone)."""
+    if losses[0] is None:
+        return None, None
+    if len(losses) == 1:
+        return losses[0], None
+    return float(np.mean(losses)), float(np.std(losses, ddof=1))
 
 
 # -----------------------------------------------------------------------------
@@ -301,27 +386,36 @@ def plot_heads(path, labels, slopes, weight_at, norms):
 # -----------------------------------------------------------------------------
 # the output
 
-def format_table(labels, lengths, results):
-    """A markdown table: one row per checkpoint, one column per length; '-' where skipped."""
+def format_table(labels, lengths, results, spreads=None):
+    """A markdown table: one row per checkpoint, one column per length; '-' where skipped. With
+    spreads (a std or None per cell, as results), a seed group's cells are mean ± std."""
     lines = ['| model | ' + ' | '.join(str(L) for L in lengths) + ' |',
              '|---|' + '---|' * len(lengths)]
-    for label, losses in zip(labels, results):
-        cells = ['-' if loss is None else f'{loss:.3f}' for loss in losses]
+    spreads = spreads or [[None] * len(lengths)] * len(labels)
+    for label, losses, stds in zip(labels, results, spreads):
+        cells = ['-' if loss is None else f'{loss:.3f}' + ('' if std is None else f' ± {std:.3f}')
+                 for loss, std in zip(losses, stds)]
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
-def plot_losses(path, labels, lengths, results, training_lengths, title):
-    """Loss against evaluation length, log2 x axis, one line per checkpoint."""
+def plot_losses(path, labels, lengths, results, training_lengths, title, spreads=None):
+    """Loss against evaluation length, log2 x axis, one line per checkpoint; with spreads (a std
+    or None per point, as results), a seed group's mean in a band of ± its std."""
     import matplotlib                             # only here: nothing else needs it
     matplotlib.use('Agg')                         # write a file, no display needed
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for label, losses in zip(labels, results):
-        points = [(L, loss) for L, loss in zip(lengths, losses) if loss is not None]
+    spreads = spreads or [[None] * len(lengths)] * len(labels)
+    for label, losses, stds in zip(labels, results, spreads):
+        points = [(L, loss, std) for L, loss, std in zip(lengths, losses, stds) if loss is not None]
         if points:
-            ax.plot(*zip(*points), marker='o', label=label)
+            xs, ys, errors = zip(*points)
+            line, = ax.plot(xs, ys, marker='o', label=label)
+            if errors[0] is not None:           # a seed group of two or more
+                ax.fill_between(xs, np.subtract(ys, errors), np.add(ys, errors),
+                                color=line.get_color(), alpha=0.2)
     for L in sorted(set(training_lengths)):
         ax.axvline(L, color='gray', linestyle=':', linewidth=1)
     ax.set_xscale('log', base=2)
@@ -351,8 +445,9 @@ def write_result(path, write):
 
 
 def check_settings():
-    """The evaluation lengths and the checkpoints' (path, window, sinks), or SystemExit with one
-    line for a setting that cannot work: all checked before any work."""
+    """The evaluation lengths and the checkpoints' (path, window, sinks), a seed group's path its
+    members' joined with +, or SystemExit with one line for a setting that cannot work: all
+    checked before any work."""
     for path in (plot, heads):
         if path:
             check_plot(path)
@@ -386,13 +481,19 @@ def main(args=None):
 
     # Load every model before evaluating any, so that a bad checkpoint or setting fails at once,
     # not after an hour of evaluation. (The models here are small: all of them fit together.)
-    models = []
+    groups = []                     # a row each: its label, sinks, and its members' (model, label)
     for spec, w, sinks in specs:
-        model, label = load_model(spec, w, max(eval_lengths), device)
-        if sinks > 0 and model.config.window >= max(eval_lengths):
+        paths = spec.split('+')
+        members = [load_model(path, w, max(eval_lengths), device) for path in paths]
+        if len(paths) > 1:
+            check_same_kind(paths)
+        if sinks > 0 and members[0][0].config.window >= max(eval_lengths):
             raise SystemExit(f"{spec}: sink tokens need a window shorter than the text; this model "
                              f"reads with full attention, which sees the first tokens anyway")
-        models.append((model, label + (f" +{sinks} sinks" if sinks else ''), sinks))
+        suffix = f" +{sinks} sinks" if sinks else ''
+        groups.append((group_label(paths, [label for _, label in members]) + suffix, sinks,
+                       [(model, label + suffix) for model, label in members]))
+    models = [(model, label, sinks) for _, sinks, members in groups for model, label in members]
     # train.py's checks of the data: uint16 ids, at least one, each inside every model's vocabulary
     check_token_file(path, 0, min(model.config.vocab_size for model, _, _ in models))
 
@@ -402,31 +503,21 @@ def main(args=None):
     print(f"{dataset} val: {len(tokens):,} tokens in {len(docs)} documents, the longest "
           f"{max(e - s for s, e in docs):,} tokens")
 
-    labels, results = [label for _, label, _ in models], []
-    for model, label, sinks in models:
-        losses = []
-        for L in eval_lengths:
-            if not starts[L]:
-                print(f"{label}  L={L}: skipped, no document has {L + 1} tokens")
-                losses.append(None)
-                continue
-            t0 = time.time()
-            rows = max(1, min(batch_size, max_batch_tokens // L))
-            loss = evaluate(model, tokens, starts[L], L, sinks, rows, device, ctx)
-            if not math.isfinite(loss):
-                print(f"warning: {label} at L={L} has a non-finite loss {loss}")
-            print(f"{label}  L={L}: {loss:.4f} nats/token over {len(starts[L]) * L:,} tokens "
-                  f"({len(starts[L])} stretches) in {time.time() - t0:.1f} s")
-            losses.append(loss)
-        results.append(losses)
+    labels, results, spreads = [label for label, _, _ in groups], [], []
+    for _, sinks, members in groups:
+        losses = [losses_by_length(model, label, sinks, tokens, starts, ctx)
+                  for model, label in members]
+        means, stds = zip(*(mean_std(at) for at in zip(*losses)))     # length by length
+        results.append(list(means))
+        spreads.append(list(stds))
 
     print()
-    print(format_table(labels, eval_lengths, results))
+    print(format_table(labels, eval_lengths, results, spreads))
     if plot:
         training_lengths = [model.config.block_size for model, _, _ in models]
         title = f"{dataset}: validation loss against evaluation length"
         write_result(plot, lambda path: plot_losses(path, labels, eval_lengths, results,
-                                                    training_lengths, title))
+                                                    training_lengths, title, spreads))
         print(f"plot written to {plot}")
     if heads:
         probe_heads(models, tokens, docs, ctx)

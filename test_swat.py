@@ -2608,13 +2608,15 @@ EVAL = runpy.run_path(os.path.join(ROOT, 'eval.py'))    # its functions; main() 
 
 
 def eval_table(stdout):
-    """{row label: [loss or None, ...]} and the lengths, from eval.py's markdown table."""
+    """{row label: [loss or None, ...]} and the lengths, from eval.py's markdown table; a seed
+    group's cell, mean ± std, is the pair (mean, std)."""
     lines = [line for line in stdout.splitlines() if line.startswith('| ')]
     lengths = [int(c) for c in lines[0].strip('| ').split(' | ')[1:]]
     rows = {}
     for line in lines[1:]:
         label, *cells = line.strip('| ').split(' | ')
-        rows[label] = [None if c == '-' else float(c) for c in cells]
+        rows[label] = [None if c == '-' else tuple(map(float, c.split(' ± '))) if ' ± ' in c
+                       else float(c) for c in cells]
     return lengths, rows
 
 
@@ -2665,6 +2667,118 @@ def test_eval_probes_the_heads(softmax_checkpoint, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count('| layer | head | slope |') == 1 and '| 1 | 1 |' in out
     assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+# eval.py's seed groups: out-s1+out-s2+out-s3, one row of mean ± std
+
+@pytest.fixture
+def seed_checkpoints(tmp_path):
+    """out_dirs out-s1, out-s2, out-s3 of one tiny softmax model (window 8) from three seeds; the
+    output embedding scaled by the seed, so that their losses are far apart."""
+    paths = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        model = SWAT(tiny_config(attn='softmax', vocab_size=50304))
+        with torch.no_grad():
+            model.lm_head.weight.mul_(10 * seed)
+        paths.append(str(tmp_path / f'out-s{seed}'))
+        save_tiny_checkpoint(paths[-1], model=model.state_dict())
+    return paths
+
+
+SEED_LABEL = ' (softmax, alibi balanced, rope, w=8)'       # each seed_checkpoints' kind, read as is
+
+
+def test_seed_group_cells_and_labels():
+    """The mean and the sample std (ddof=1) of the members' losses, numpy's; a group of one its
+    plain loss; the table's cells; the labels: the names with what differs in braces."""
+    mean_std, label = EVAL['mean_std'], EVAL['group_label']
+    losses = [4.7, 4.75, 4.9]
+    assert mean_std(losses) == (np.mean(losses), np.std(losses, ddof=1))
+    assert mean_std([4.7]) == (4.7, None) and mean_std([None, None]) == (None, None)
+    table = EVAL['format_table'](['a', 'b'], [8, 64], [[4.7351, None], [5.0, 6.0]],
+                                 [[0.0123, None], [None, None]])
+    assert table.splitlines()[2:] == ['| a | 4.735 ± 0.012 | - |', '| b | 5.000 | 6.000 |']
+    for names, expected in [(['out-swat-s1', 'out-swat-s2', 'out-swat-s3'], 'out-swat-s{1,2,3}'),
+                            (['out-s1', 'out-s12'], 'out-s{1,12}'),          # a number stays whole
+                            (['run1-swat', 'run2-swat'], 'run{1,2}-swat'),
+                            (['swat-a', 'swa-b'], 'swa{t-a,-b}'),
+                            (['out-swat'], 'out-swat'),                      # a group of one
+                            (['out-swat', 'out-swat'], 'out-swat+out-swat')]:  # in two folders
+        paths = [os.path.join(f'run{i}', name, 'ckpt.pt') for i, name in enumerate(names)]
+        assert label(paths, [name + ' (kind)' for name in names]) == expected + ' (kind)'
+
+
+@pytest.mark.usefixtures('script_state', 'shakespeare')
+def test_eval_seed_group_is_the_mean_and_std_of_its_members(seed_checkpoints, capsys):
+    """The members evaluated alone, and as a group: its row is numpy's mean and sample std over
+    their rows (to the table's 3 decimals), '-' where the length was skipped; a group of one
+    (the plain entry) and a group of one checkpoint twice are that checkpoint's row."""
+    a, b, c = seed_checkpoints
+    eval_script.main([f'--checkpoints={a},{b},{c},{a}+{b}+{c},{a}+{a}',
+                      '--lengths=8,64,256,100000', *EVAL_ARGS, '--max_tokens_per_length=256'])
+    _, rows = eval_table(capsys.readouterr().out)
+    singles = [rows[f'out-s{seed}' + SEED_LABEL] for seed in (1, 2, 3)]
+    assert all(isinstance(loss, float) for loss in singles[0][:3])   # no ± for a plain entry
+    group = rows['out-s{1,2,3}' + SEED_LABEL]
+    for length, (cell, losses) in enumerate(zip(group[:3], zip(*singles))):
+        mean, std = cell
+        assert mean == pytest.approx(np.mean(losses), abs=1.5e-3), length
+        assert std == pytest.approx(np.std(losses, ddof=1), abs=1.5e-3), length
+        assert std > 1                      # the members are far apart: a real spread
+    assert group[3] is None and all(row[3] is None for row in singles)
+    assert rows['out-s1+out-s1' + SEED_LABEL][:3] == [(loss, 0.0) for loss in singles[0][:3]]
+
+
+@pytest.mark.usefixtures('script_state', 'shakespeare')
+def test_eval_seed_group_options_apply_to_every_member(seed_checkpoints, capsys):
+    """`:sinks=2` after a group reads every member with 2 sinks: the group's row is the mean of
+    the members' rows with sinks, not without."""
+    a, b, _ = seed_checkpoints
+    eval_script.main([f'--checkpoints={a}:sinks=2,{b}:sinks=2,{a}+{b}:sinks=2,{a}+{b}',
+                      '--lengths=8,256', *EVAL_ARGS, '--max_tokens_per_length=256'])
+    out = capsys.readouterr().out
+    _, rows = eval_table(out)
+    sinks = [rows[f'out-s{seed}{SEED_LABEL} +2 sinks'] for seed in (1, 2)]
+    without = rows['out-s{1,2}' + SEED_LABEL]
+    with_sinks = rows['out-s{1,2}' + SEED_LABEL + ' +2 sinks']
+    for cell, losses in zip(with_sinks, zip(*sinks)):
+        assert cell[0] == pytest.approx(np.mean(losses), abs=1e-3)
+    assert with_sinks[0] == without[0]          # up to w tokens the sinks change nothing ...
+    assert with_sinks[1] != without[1]          # ... past it they do
+    # each member's own lines say it read with the sinks
+    assert out.count(f'out-s2{SEED_LABEL} +2 sinks  L=256:') == 2
+
+
+@pytest.mark.usefixtures('script_state', 'shakespeare')
+def test_eval_seed_group_refuses_different_kinds_in_one_line(seed_checkpoints, tmp_path):
+    """Members trained as different models: one line naming the two and what differs. A member
+    that does not exist: the line a missing checkpoint gives alone. An empty member: the spec."""
+    a, b, _ = seed_checkpoints
+    sigmoid, wide = str(tmp_path / 'sigmoid'), str(tmp_path / 'wide')
+    for path, config in ((sigmoid, tiny_config(vocab_size=50304)),
+                         (wide, tiny_config(attn='softmax', vocab_size=50304, window=16))):
+        save_tiny_checkpoint(path, model=SWAT(config).state_dict(), model_args=asdict(config))
+    message = exit_message(eval_script.main, [f'--checkpoints={a}+{b}+{sigmoid}', *EVAL_ARGS])
+    assert f"{a} and {sigmoid} are not the same kind of model (attn='softmax' vs 'sigmoid')" \
+        in message
+    message = exit_message(eval_script.main, [f'--checkpoints={a}+{wide}:window=-1', *EVAL_ARGS])
+    assert f"{a} and {wide} are not the same kind of model (window=8 vs 16)" in message
+    missing = str(tmp_path / 'nosuch')
+    assert exit_message(eval_script.main, [f'--checkpoints={a}+{missing}', *EVAL_ARGS]) == \
+        exit_message(eval_script.main, [f'--checkpoints={missing}', *EVAL_ARGS])
+    for spec in (f'{a}++{b}', f'{a}+:sinks=2', ':sinks=2'):
+        assert 'an out_dir is missing' in exit_message(eval_script.main,
+                                                       [f'--checkpoints={spec}', *EVAL_ARGS])
+
+
+def test_plot_draws_a_band_for_seed_groups(tmp_path):
+    paths = [tmp_path / 'plain.png', tmp_path / 'band.png']
+    for path, spreads in zip(paths, (None, [[0.3, 0.2, None]])):
+        EVAL['plot_losses'](str(path), ['a'], [64, 256, 1024], [[5.0, 4.5, None]], [64], 'test',
+                            spreads)
+    assert paths[1].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert paths[0].read_bytes() != paths[1].read_bytes()
 
 
 def test_checkpoint_options():
