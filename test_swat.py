@@ -3424,12 +3424,41 @@ def test_table_and_plot(tmp_path):
         vertical = [line.get_xdata()[0] for line in ax.lines
                     if line.get_xdata()[0] == line.get_xdata()[1]]
         assert vertical == [window, 253]
+    # seeds far apart (0% and 100%): the band of +- one std stays inside [0, 100]
+    apart = {'a': dict.fromkeys(TASKS, np.array([[0.0] * len(distances), [1.0] * len(distances)]))}
+    fig = recall.plot_accuracy(str(path), apart, distances, window, n_layer, 1 / 256)
+    band = np.concatenate([p.vertices for c in fig.axes[0].collections for p in c.get_paths()])
+    assert band[:, 1].min() == 0 and band[:, 1].max() == 100
 
 
 def test_mean_std():
     assert recall.mean_std([0.5]) == (0.5, 0.0)
     mean, std = recall.mean_std([0.2, 0.4, 0.6])
     assert mean == pytest.approx(0.4) and std == pytest.approx(0.2)
+
+
+def test_a_row_short_of_seeds_says_how_many(recall_settings, monkeypatch):
+    """A reading with fewer finished seeds than its preset's is tabled with what it has, and its
+    label says how many; the cells of a single seed are its accuracies, with no spread."""
+    p, distances = dataclasses.replace(RECALL_TINY, seeds=(1, 2, 3)), [2, 4]
+    finished = {('swa', 1): 0.5, ('swa', 2): 0.6, ('swa', 3): 0.7, ('swat', 2): 0.9}
+
+    def saved_scores(p, name, seed, distances):
+        if (name, seed) not in finished:
+            return {}
+        labels = [label for label, reading, _ in recall.READINGS if reading == name]
+        return {p.max_iters: {label: {task: [finished[name, seed]] * len(distances)
+                                      for task in TASKS} for label in labels}}
+    monkeypatch.setattr(recall, 'saved_scores', saved_scores)
+    monkeypatch.setattr(recall, 'trainings', 'swa,swat')
+    monkeypatch.setattr(recall, 'device', 'cpu')
+    accuracy, curves = recall.evaluate(p, distances)
+    swat = 'SWAT: sigmoid, balanced ALiBi (1 of 3 seeds)'
+    assert set(accuracy) == {'softmax SWA', 'softmax SWA + 4 sinks', swat}
+    table = recall.format_tables(accuracy, distances, p.window, p.n_layer, 1 / p.n_values)
+    assert table.count(f'| {swat} | 90.0 | 90.0 |') == len(TASKS)
+    assert table.count('| softmax SWA | 60.0 ± 10.0 | 60.0 ± 10.0 |') == len(TASKS)
+    assert recall.percent([0.25]) == '25.0' and recall.percent([np.nan]) == '-'
 
 
 def save_checkpoints(out_root, p, names):

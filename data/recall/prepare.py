@@ -8,7 +8,7 @@
 The examples are recall.py's (see its docstring), a random mix of its three tasks: passkeys in
 text (the filler from data/shakespeare/train.bin here, and from the held-out plays of val.bin
 for val.bin) or in random tokens, and multi-query associative recall; and, in the share the
-preset's induction_share gives (0 by default), its training-only induction task. Every example
+preset's induction_share gives (half, in the default preset), its training-only induction task. Every example
 is exactly example_length = block_size + 1 tokens, and the examples are laid end to end.
 
 The files, in the format train.py reads:
