@@ -166,7 +166,7 @@ PRESETS = {
                       val_examples=1_000, score_steps=(2400, 4800, 9600), batch_size=32,
                       learning_rate=1e-3,
                       warmup_iters=100, seeds=(1, 2, 3), points_per_band=4, eval_examples=200),
-    # a toy that runs every step on a CPU (3 minutes on 2 cores): its models learn nothing,
+    # a toy that runs every step on a CPU (4 minutes on 2 cores): its models learn nothing,
     # every accuracy is chance
     'tiny': Preset(n_layer=2, n_head=2, n_embd=32, window=8, block_size=64,
                    n_keys=32, n_values=32, n_pairs=4, induction_share=0.0,
