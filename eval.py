@@ -139,7 +139,8 @@ def load_model(path, eval_window, full_window, device):
     if eval_window != trained and not (eval_window == FULL and trained >= args['block_size']):
         w += f" (trained {trained})"
     rope = 'rope' if args['rope'] else 'no rope'
-    label = f"{name} ({args['attn']}, alibi {args['alibi']}, {rope}, w={w})"
+    attn = args['attn'] + (' + b=-log w' if args.get('sigmoid_bias') else '')  # (older files lack it)
+    label = f"{name} ({attn}, alibi {args['alibi']}, {rope}, w={w})"
     return model, label
 
 

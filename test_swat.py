@@ -2643,6 +2643,24 @@ def test_eval_prints_a_finite_table(trained, capsys):
 
 
 @pytest.mark.usefixtures('script_state', 'shakespeare')
+def test_eval_labels_say_the_sigmoid_bias(tmp_path, capsys):
+    # a model with b = -log w inside its sigmoid is not the plain SWAT of the same settings
+    plain, biased = str(tmp_path / 'plain'), str(tmp_path / 'biased')
+    for out_dir, bias in ((plain, False), (biased, True)):
+        model = tiny_model(attn='sigmoid', sigmoid_bias=bias, vocab_size=50304)
+        os.makedirs(out_dir)
+        torch.save(dict(model=model.state_dict(), model_args=asdict(model.config)),
+                   os.path.join(out_dir, 'ckpt.pt'))
+    eval_script.main([f'--checkpoints={plain},{biased}', '--lengths=8', *EVAL_ARGS,
+                      '--max_tokens_per_length=64'])
+    _, rows = eval_table(capsys.readouterr().out)
+    assert list(rows) == ['plain (sigmoid, alibi balanced, rope, w=8)',
+                          'biased (sigmoid + b=-log w, alibi balanced, rope, w=8)']
+    assert rows['plain (sigmoid, alibi balanced, rope, w=8)'] != \
+        rows['biased (sigmoid + b=-log w, alibi balanced, rope, w=8)']
+
+
+@pytest.mark.usefixtures('script_state', 'shakespeare')
 def test_eval_sink_tokens_on_a_softmax_checkpoint(softmax_checkpoint, capsys):
     # --sink_tokens applies to every checkpoint; `:sinks=0` turns it off for one of them
     eval_script.main([f'--checkpoints={softmax_checkpoint},{softmax_checkpoint}:sinks=0',
