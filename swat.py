@@ -786,9 +786,6 @@ class SWAT(nn.Module):
         cache = self.new_cache(idx.size(0), sink_tokens, idx.device)
         if max_new_tokens == 0:
             return
-        token = sample(self.prefill(idx, cache), temperature, top_k)
-        yield token
-
         # one graph of the whole step, no Python between the layers; the cache's attributes
         # never change (only their contents), so one compile serves every cache of a batch size
         decode = torch.compile(self.decode, fullgraph=True, dynamic=False) if compile \
@@ -799,9 +796,21 @@ class SWAT(nn.Module):
 
         if cuda_graph and idx.is_cuda:
             step = CUDAGraphStep(step)
+        if idx.size(1) <= SHORT_PROMPT:
+            for t in range(idx.size(1)):        # what it samples before the prompt's end: dropped
+                token = step(idx[:, t:t + 1])
+        else:
+            token = sample(self.prefill(idx, cache), temperature, top_k)
+        yield token
         for _ in range(max_new_tokens - 1):
             token = step(token)
             yield token
+
+
+# A prompt of at most SHORT_PROMPT tokens is read by the decode step itself, a token at a time:
+# on a GPU the fused kernel's first launch in a process compiles and tunes it (~1 s), the time
+# of some thousands of decode steps. Longer prompts go through prefill, one forward.
+SHORT_PROMPT = 64
 
 
 def sample(logits, temperature, top_k):

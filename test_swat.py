@@ -836,15 +836,18 @@ def test_generate_zero_new_tokens_returns_the_prompt():
 
 
 @pytest.mark.usefixtures('reference_attention')
+@pytest.mark.parametrize('prompt_by_steps', [False, True])
 @pytest.mark.parametrize('attn, sinks, sigmoid_bias', [
     ('sigmoid', 0, False), ('softmax', 0, False), ('softmax', 3, False), ('sigmoid', 2, False),
     ('sigmoid', 0, True), ('sigmoid', 2, True)])
-def test_generation_is_the_full_forward(attn, sinks, sigmoid_bias):
+def test_generation_is_the_full_forward(attn, sinks, sigmoid_bias, prompt_by_steps, monkeypatch):
     """Greedy tokens and logits of the ring cache are those of the full windowed forward (with the
     same sinks) over the whole text: a prompt longer than the window, then 6x the window and 3x
     block_size of tokens, in float32, to float32 rounding. The full forward is causal, so one
     pass over the whole text gives at each position what it gives over the text up to there.
-    With sigmoid_bias, the decode step and the sinks add the forward's b = -log(w)."""
+    With sigmoid_bias, the decode step and the sinks add the forward's b = -log(w). The prompt
+    read by prefill, or by the decode step a token at a time (a short prompt's way)."""
+    monkeypatch.setattr(swat, 'SHORT_PROMPT', 10 ** 6 if prompt_by_steps else 0)
     torch.manual_seed(0)
     model = SWAT(tiny_config(attn=attn, block_size=16,                          # window 8
                              sigmoid_bias=sigmoid_bias)).to(DEVICE).eval()
