@@ -164,8 +164,8 @@ def main(args=None):
                 print(SEPARATOR)
         synchronize(device)
         dt = time.perf_counter() - t0
-    # the first tokens wait for the prompt's reading (on a GPU, the kernels' tuning too); each
-    # later one is a step (on a GPU, the first of them also records the step's CUDA graph)
+    # the first tokens wait for the prompt's reading (on a GPU: a prompt of over 64 tokens, the
+    # kernels' tuning too; the first step records the step's CUDA graph); each later one is a step
     after = f" (the first after {first[0]:.2f} s)" if first else ''
     print(f"{num_samples * max_new_tokens} tokens in {dt:.2f} s: "
           f"{num_samples * max_new_tokens / dt:.1f} tokens/s{after}")
