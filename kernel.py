@@ -145,6 +145,24 @@ def swat_attention_reference(q, k, v, slopes, window, scale=None, bias=0.0, chun
     return torch.cat(outputs, dim=2).to(out_dtype)
 
 
+def swat_decode_reference(q, keys, values, distance, visible, back_rotation, slopes, scale, bias):
+    """Eq. 5 for one new query per row against a KV cache: (B, H, D), in float32.
+
+    q (B, H, 1, D) at distance 0 from itself, so unrotated; keys, values (B, H, S, D): the
+    cache's S slots, the keys before RoPE; distance (S,): from the query back to each slot's
+    token; visible (S,): the slots that hold a token; back_rotation: RoPE's (cos, -sin) for
+    each slot's distance, (S, D) each, or None (no RoPE). Rotating a key back by its distance
+    gives q . k what RoPE gives the pair: it depends on m - n alone."""
+    q, keys, values = q[:, :, 0].float(), keys.float(), values.float()
+    if back_rotation is not None:
+        cos, sin = back_rotation
+        k1, k2 = keys.chunk(2, dim=-1)                      # RoPE's rotate-half layout
+        keys = keys * cos + torch.cat([-k2, k1], dim=-1) * sin
+    logits = scale * torch.einsum('bhd,bhsd->bhs', q, keys) + slopes.float()[:, None] * distance
+    weights = torch.sigmoid(logits + bias).masked_fill(~visible, 0.0)      # (B, H, S)
+    return torch.einsum('bhs,bhsd->bhd', weights, values)
+
+
 # -----------------------------------------------------------------------------
 # The fused Triton kernels.
 #
@@ -415,6 +433,51 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, bias, scale, T, H, WINDOW,
              mask=in_seq)
 
 
+# The decode kernel: generation's one query per row against the KV cache's S slots. A program
+# per (row, head) walks the slots in blocks: it rotates each key back by its distance (RoPE),
+# takes q . k, adds the ALiBi term, and sums sigmoid(.) v. One launch per layer, where the same
+# in PyTorch is a rotation, two products and a sigmoid over (B, H, S, D) (RESULTS.md, section 5).
+# A row is too small for the tensor cores: plain float32 products and sums.
+
+@triton.jit
+def _decode_kernel(Q, K, V, O, Distance, Visible, Cos, Sin, Slopes, bias, scale, S, H,
+                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
+                   stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_rope,
+                   D: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr,
+                   FAST_SIGMOID: tl.constexpr):
+    Q = _at_head(Q, stride_qb, stride_qh, H)
+    K = _at_head(K, stride_kb, stride_kh, H)
+    V = _at_head(V, stride_vb, stride_vh, H)
+    O = _at_head(O, stride_ob, stride_oh, H)
+    slope = tl.load(Slopes + tl.program_id(1) % H)
+    HALF: tl.constexpr = D // 2
+    offs_h = tl.arange(0, HALF)             # RoPE pairs x_i with x_{i + D/2}: the two halves
+    offs_d = tl.arange(0, D)
+    q1 = tl.load(Q + offs_h).to(tl.float32)
+    q2 = tl.load(Q + HALF + offs_h).to(tl.float32)
+    acc = tl.zeros((D,), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        in_cache = offs_s < S
+        k_rows = K + offs_s[:, None] * stride_ks
+        k1 = tl.load(k_rows + offs_h[None, :], mask=in_cache[:, None], other=0.0).to(tl.float32)
+        k2 = tl.load(k_rows + HALF + offs_h[None, :], mask=in_cache[:, None], other=0.0).to(tl.float32)
+        if ROPE:                            # back by the distance: Sin holds -sin
+            rope_rows = offs_s[:, None] * stride_rope + offs_h[None, :]
+            cos = tl.load(Cos + rope_rows, mask=in_cache[:, None], other=0.0)
+            sin = tl.load(Sin + rope_rows, mask=in_cache[:, None], other=0.0)
+            k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
+        s = (tl.sum(k1 * q1[None, :], 1) + tl.sum(k2 * q2[None, :], 1)) * scale
+        distance = tl.load(Distance + offs_s, mask=in_cache, other=0)
+        p = _sigmoid(s + slope * distance.to(tl.float32) + bias, FAST_SIGMOID)
+        seen = tl.load(Visible + offs_s, mask=in_cache, other=0) != 0
+        p = tl.where(seen & in_cache, p, 0.0)
+        v = tl.load(V + offs_s[:, None] * stride_vs + offs_d[None, :], mask=in_cache[:, None],
+                    other=0.0)
+        acc += tl.sum(p[:, None] * v.to(tl.float32), 0)
+    tl.store(O + offs_d, acc.to(O.dtype.element_ty))
+
+
 # -----------------------------------------------------------------------------
 # Launchers. Each kernel has one small configuration and a list of fast ones, each written
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The small one runs under the interpreter (its
@@ -533,6 +596,21 @@ def swat_backward(do, q, k, v, slopes, window, scale, bias, dq, dk, dv, config=N
     return dq, dk, dv
 
 
+def swat_decode_forward(q, keys, values, distance, visible, cos, sin, slopes, scale, bias, out):
+    """Write swat_decode_reference's result for these arguments into out (B, H, D); cos, sin:
+    the back-rotation, or None for none. Launches the decode kernel."""
+    B, H, S, D = keys.shape
+    rope = cos is not None
+    cos, sin = (cos, sin) if rope else (slopes, slopes)     # (unread without RoPE)
+    _decode_kernel[(1, B * H)](q, keys, values, out, distance, visible, cos, sin, slopes, bias,
+                               scale, S, H, q.stride(0), q.stride(1), *keys.stride()[:3],
+                               *values.stride()[:3], out.stride(0), out.stride(1),
+                               cos.stride(0) if rope else 0, D=D,
+                               BLOCK_S=min(64, triton.next_power_of_2(S)), ROPE=rope,
+                               FAST_SIGMOID=_kernel_flags(q.dtype)['FAST_SIGMOID'])
+    return out
+
+
 # Registered as PyTorch operators so that torch.compile sees one opaque, differentiable call
 # instead of breaking its graph at the Triton launch. They are defined through
 # torch.library.Library: torch.library.custom_op builds the same operator with about 0.3 ms more
@@ -543,6 +621,9 @@ _library.define('swat_attention(Tensor q, Tensor k, Tensor v, Tensor slopes, int
                 'float scale, float bias) -> Tensor')
 _library.define('swat_attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Tensor slopes, '
                 'int window, float scale, float bias) -> (Tensor, Tensor, Tensor)')
+_library.define('swat_decode(Tensor q, Tensor keys, Tensor values, Tensor distance, '
+                'Tensor visible, Tensor? cos, Tensor? sin, Tensor slopes, float scale, '
+                'float bias) -> Tensor')
 
 
 def _empty_like(x):
@@ -561,6 +642,17 @@ def _backward_op(do, q, k, v, slopes, window, scale, bias):
     """nanoswat::swat_attention_backward itself: allocate dq, dk, dv, launch the two kernels."""
     return swat_backward(do, q, k, v, slopes, window, scale, bias,
                          *(_empty_like(q) for _ in range(3)))
+
+
+def _decode_op(q, keys, values, distance, visible, cos, sin, slopes, scale, bias):
+    """nanoswat::swat_decode itself: allocate the output (B, H, D), launch the decode kernel."""
+    out = torch.empty(q.shape[:2] + q.shape[3:], dtype=q.dtype, device=q.device)
+    return swat_decode_forward(q, keys, values, distance, visible, cos, sin, slopes, scale, bias,
+                               out)
+
+
+def _fake_decode(q, keys, values, distance, visible, cos, sin, slopes, scale, bias):
+    return q.new_empty(q.shape[:2] + q.shape[3:])
 
 
 def _fake_forward(q, k, v, slopes, window, scale, bias):
@@ -592,6 +684,8 @@ _library.impl('swat_attention', _forward_op, 'CompositeExplicitAutograd')
 _library.impl('swat_attention_backward', _backward_op, 'CompositeExplicitAutograd')
 torch.library.register_fake('nanoswat::swat_attention', _fake_forward)
 torch.library.register_fake('nanoswat::swat_attention_backward', _fake_backward)
+_library.impl('swat_decode', _decode_op, 'CompositeExplicitAutograd')
+torch.library.register_fake('nanoswat::swat_decode', _fake_decode)
 torch.library.register_autograd('nanoswat::swat_attention', _autograd_backward,
                                 setup_context=_setup_backward)
 
@@ -610,3 +704,16 @@ def swat_attention(q, k, v, slopes, window, scale=None, bias=0.0):
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     return torch.ops.nanoswat.swat_attention(q, k, v, slopes.to(torch.float32).contiguous(), window,
                                              scale, float(bias))
+
+
+def swat_decode(q, keys, values, distance, visible, back_rotation, slopes, bias=0.0):
+    """Eq. 5 for one new query per row against a KV cache, (B, H, D) in q's dtype; the
+    arguments as swat_decode_reference's. The decode kernel on CUDA tensors (and on any under
+    TRITON_INTERPRET=1), the reference elsewhere."""
+    scale = q.shape[-1] ** -0.5
+    if not (q.is_cuda or INTERPRET):
+        return swat_decode_reference(q, keys, values, distance, visible, back_rotation, slopes,
+                                     scale, bias).to(q.dtype)
+    cos, sin = back_rotation if back_rotation is not None else (None, None)
+    return torch.ops.nanoswat.swat_decode(q, keys, values, distance, visible, cos, sin,
+                                          slopes.to(torch.float32), scale, float(bias))

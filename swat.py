@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernel import (attended_pairs, check_head_size, is_int, is_number, query_chunks,
-                    swat_attention, window_bias)
+                    swat_attention, swat_decode, window_bias)
 from runtime import peak_bf16_flops
 
 ATTENTION_KINDS = ('sigmoid', 'softmax')
@@ -346,19 +346,22 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, 1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         cache.write(layer, k, v)
         keys, values = cache.k[layer], cache.v[layer]                       # (B, H, S, D)
-        if back_rotation is not None:       # rotate each key back by its distance to the query
-            keys = apply_rope(keys, *back_rotation)
-        # One query against S keys is too small for a matmul to pay: as products and sums in
-        # float32 (exact products, as a matmul's), compiled, they fuse with the rotation above
-        # and the weights below into a few kernels instead of a matmul launch each (1.12-1.20x
-        # the tokens/s at batch 1-64 on an H200; uncompiled, the unfused products cost 13-24%).
-        scale = q.size(-1) ** -0.5
-        logits = scale * (q.float() * keys.float()).sum(-1)                 # (B, H, S)
-        bias = self.slopes.float()[:, None] * distance                      # s_h * (m - n)
-        logits = logits + bias.masked_fill(~visible, float('-inf'))
-        weights = (torch.sigmoid(logits + self.logit_bias) if self.kind == 'sigmoid'
-                   else F.softmax(logits, dim=-1))
-        y = (weights[..., None] * values.float()).sum(-2)                   # (B, H, D)
+        if self.kind == 'sigmoid':
+            # o = sum over the slots n of sigmoid(q . k_n / sqrt(D) + s_h * d_n + b) * v_n, d_n
+            # the distance back to slot n's token, k_n rotated back by it: on a GPU one fused
+            # kernel per layer, elsewhere its reference (kernel.py)
+            y = swat_decode(q, keys, values, distance, visible, back_rotation, self.slopes,
+                            self.logit_bias)                                # (B, H, D)
+        else:
+            if back_rotation is not None:   # rotate each key back by its distance to the query
+                keys = apply_rope(keys, *back_rotation)
+            # One query against S keys is too small for a matmul to pay: as products and sums
+            # in float32 (exact products, as a matmul's), compiled, they fuse with the rotation
+            # above and the weights below into a few kernels instead of a matmul launch each.
+            logits = q.size(-1) ** -0.5 * (q.float() * keys.float()).sum(-1)   # (B, H, S)
+            bias = self.slopes.float()[:, None] * distance                  # s_h * (m - n)
+            weights = F.softmax(logits + bias.masked_fill(~visible, float('-inf')), dim=-1)
+            y = (weights[..., None] * values.float()).sum(-2)               # (B, H, D)
         y = y.reshape(B, 1, C)
         return self.resid_dropout(self.c_proj(y.to(x.dtype)))
 

@@ -56,7 +56,8 @@ import swat
 import tokenizer
 import training
 from configurator import apply_overrides
-from kernel import swat_attention, swat_attention_reference, swat_backward, swat_forward
+from kernel import (swat_attention, swat_attention_reference, swat_backward, swat_decode,
+                    swat_forward)
 from swat import (SWAT, CheckpointError, CUDAGraphStep, SWATConfig, alibi_slopes, apply_rope,
                   load_checkpoint, rope_cos_sin)
 from recall import (FACT, KEY_BASE, MIN_DISTANCE, PRESETS, QUERY, TASKS, TRAININGS, VALUE_BASE,
@@ -353,6 +354,39 @@ def test_kernel_writes_every_element():
 
 
 
+
+
+# (B, H, S, D): the cache's S slots below one block of the decode kernel (64), not a multiple of
+# it, a multiple; every head size; on a GPU the default model's cache at batch 64, a long window
+DECODE_SHAPES = [(1, 2, 1, 16), (2, 3, 37, 32), (1, 2, 64, 64), (2, 2, 130, 128)] + (
+    [(64, 6, 128, 64), (1, 4, 2052, 128)] if GPU else [])
+
+
+@pytest.mark.parametrize('rope', [True, False], ids=['rope', 'no-rope'])
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+@pytest.mark.parametrize('B, H, S, D', DECODE_SHAPES)
+def test_decode_kernel_is_eq5_for_one_query(B, H, S, D, dtype, rope):
+    """The decode kernel (on a CPU in the interpreter) against Eq. 5 in float64 written with
+    absolute positions: the query at position p rotated by p, each slot's key by its token's
+    position p - d, the weights of empty slots 0. The slots hold the distances in any order."""
+    torch.manual_seed(0)
+    p, scale, bias = 10 ** 6, D ** -0.5, -math.log(S + 1)
+    q, keys, values = (torch.randn(B, H, n, D).to(dtype).to(DEVICE) for n in (1, S, S))
+    distance = torch.randperm(S, device=DEVICE)                 # slot -> distance back
+    visible = (torch.rand(S, device=DEVICE) < 0.8) | (distance == 0)
+    slopes = random_slopes(H)
+    cos, sin = rope_cos_sin(distance, D, 10000.0)
+    out = swat_decode(q, keys, values, distance, visible, (cos, -sin) if rope else None, slopes,
+                      bias)
+    q, keys, values = (x.double() for x in (q, keys, values))
+    if rope:
+        q = apply_rope(q, *rope_cos_sin(torch.tensor([p], device=DEVICE), D, 10000.0,
+                                        torch.float64))
+        keys = apply_rope(keys, *rope_cos_sin(p - distance, D, 10000.0, torch.float64))
+    logits = scale * (q * keys).sum(-1) + slopes.double()[:, None] * distance + bias  # (B, H, S)
+    expected = (torch.sigmoid(logits) * visible)[..., None].mul(values).sum(-2)       # (B, H, D)
+    assert out.shape == (B, H, D) and out.dtype == dtype
+    assert relative_error(out, expected) < TOLERANCE[dtype]
 
 
 @slow
