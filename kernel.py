@@ -714,6 +714,8 @@ def swat_decode(q, keys, values, distance, visible, back_rotation, slopes, bias=
     if not (q.is_cuda or INTERPRET):
         return swat_decode_reference(q, keys, values, distance, visible, back_rotation, slopes,
                                      scale, bias).to(q.dtype)
-    cos, sin = back_rotation if back_rotation is not None else (None, None)
-    return torch.ops.nanoswat.swat_decode(q, keys, values, distance, visible, cos, sin,
-                                          slopes.to(torch.float32), scale, float(bias))
+    cos, sin = (x.contiguous() for x in back_rotation) if back_rotation is not None else (None, None)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return torch.ops.nanoswat.swat_decode(q, keys.contiguous(), values.contiguous(), distance,
+                                          visible, cos, sin, slopes.to(torch.float32), scale,
+                                          float(bias))
