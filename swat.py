@@ -409,6 +409,11 @@ class Block(nn.Module):
 
 FUSED_LOSS = True   # on a GPU, each chunk's elementwise work is compiled into a few fused passes
                     # (torch.compile, at the first call); False: eager, as on a CPU
+# Rows a chunk. In training each chunk also adds its share into the float32 gradient of the
+# output weight, a read and a write of all V x C of it (0.3 GB at 768 wide), so fewer, larger
+# chunks are faster (RESULTS.md, section 2); 4,096 rows of 16-bit logits are 0.4 GB. Evaluation
+# has no weight gradient, and takes its logits in float32.
+TRAINING_CHUNK, EVALUATION_CHUNK = 4096, 1024
 
 
 def chunk_loss_(logits, targets, weights):
@@ -422,13 +427,13 @@ def chunk_loss_(logits, targets, weights):
     return torch.where(weights != 0, (lse - target_logit) * weights, 0.0).sum(), sum_exp
 
 
-def chunk_loss_and_grad(logits, targets, weights):
+def chunk_loss_and_grad_(logits, targets, weights):
     """chunk_loss_ of logits (M, V), in float32 whatever their dtype, and its gradient with
-    respect to them, (softmax - one_hot(target)) * weight, in their dtype."""
-    dtype = logits.dtype
-    logits = logits.float()
-    loss, sum_exp = chunk_loss_(logits, targets, weights)
-    grad = logits.div_(sum_exp[:, None])                                     # softmax, in place
+    respect to them, (softmax - one_hot(target)) * weight, written over the logits, in their
+    dtype: a chunk needs one (M, V) buffer, not two."""
+    grad = logits.float()                                   # (logits itself, if float32)
+    loss, sum_exp = chunk_loss_(grad, targets, weights)
+    grad = grad.div_(sum_exp[:, None])                                       # softmax, in place
     if torch.compiler.is_compiling():
         # Compiled, the one-hot is a comparison with each column: the softmax, the one-hot, the
         # weights and the cast become one pass over the chunk (a scatter would end that pass, its
@@ -440,7 +445,8 @@ def chunk_loss_and_grad(logits, targets, weights):
         # a CPU); a scatter touches one element per row.
         grad.scatter_add_(1, targets.clamp(min=0)[:, None],
                           torch.full_like(sum_exp[:, None], -1.0))           # - one_hot(target)
-    return loss, grad.mul_(weights[:, None]).to(dtype)
+    grad = grad.mul_(weights[:, None])
+    return loss, grad if logits.dtype == torch.float32 else logits.copy_(grad)
 
 
 @functools.cache
@@ -466,8 +472,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, chunk_size):
         scored = targets != -1                                   # -1: a position not scored
         weights = scored / scored.sum()                          # each scored row's share: 1/n
-        loss_and_grad = compiled(chunk_loss_and_grad) if FUSED_LOSS and x.is_cuda \
-            else chunk_loss_and_grad
+        loss_and_grad = compiled(chunk_loss_and_grad_) if FUSED_LOSS and x.is_cuda \
+            else chunk_loss_and_grad_
         loss = torch.zeros((), device=x.device)
         grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
         for i in range(0, x.size(0), chunk_size):
@@ -486,9 +492,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_x * grad_loss, grad_weight * grad_loss, None, None
 
 
-def chunked_cross_entropy(x, weight, targets, chunk_size=1024, max_targets=None):
+def chunked_cross_entropy(x, weight, targets, chunk_size=None, max_targets=None):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1), exactly, values and gradients,
-    holding the logits of chunk_size rows at a time. x (N, C), weight (V, C), targets (N,).
+    holding the logits of chunk_size rows at a time (None: TRAINING_CHUNK with gradients,
+    EVALUATION_CHUNK without). x (N, C), weight (V, C), targets (N,).
 
     max_targets: a bound the caller knows, that at most this many targets are scored (not -1),
     e.g. from the data's loss mask (train.py). Only that many rows then go through the output
@@ -498,7 +505,8 @@ def chunked_cross_entropy(x, weight, targets, chunk_size=1024, max_targets=None)
         rows = torch.argsort(targets == -1, stable=True)[:max_targets]     # the scored first
         x, targets = x[rows], targets[rows]
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return ChunkedCrossEntropy.apply(x, weight, targets, chunk_size)
+        return ChunkedCrossEntropy.apply(x, weight, targets, chunk_size or TRAINING_CHUNK)
+    chunk_size = chunk_size or EVALUATION_CHUNK
     # Evaluation: no gradients to keep, so in float32 one buffer takes every chunk's logits in
     # turn, instead of a fresh 200 MB (and its page faults) per chunk.
     scored = targets != -1

@@ -541,11 +541,18 @@ def test_the_loss_tail_as_compiled_is_the_eager_tail():
     leaf = logits.clone().requires_grad_()
     expected = F.cross_entropy(leaf, targets, ignore_index=-1)
     grad, = torch.autograd.grad(expected, leaf)
-    traced = torch.compile(swat.chunk_loss_and_grad, backend='aot_eager', fullgraph=True)
-    for tail in (swat.chunk_loss_and_grad, traced):
+    traced = torch.compile(swat.chunk_loss_and_grad_, backend='aot_eager', fullgraph=True)
+    for tail in (swat.chunk_loss_and_grad_, traced):
         loss, got = tail(logits.clone(), targets, weights)
         assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
         assert relative_error(got, grad) < 1e-6
+        # 16-bit logits: computed in float32, the gradient written over them, rounded once
+        half = logits.bfloat16()
+        expected_half = F.cross_entropy(half.float(), targets, ignore_index=-1)
+        loss, got = tail(half, targets, weights)
+        assert got.data_ptr() == half.data_ptr() and got.dtype == torch.bfloat16
+        assert loss.item() == pytest.approx(expected_half.item(), rel=1e-6)
+        assert relative_error(got, grad) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize('bound', ['exact', 'loose'])
@@ -563,12 +570,12 @@ def test_the_loss_builds_logits_for_the_scored_rows_alone(monkeypatch, bound):
     max_targets = 37 if bound == 'exact' else 130
     expected = F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-1)
     grads = torch.autograd.grad(expected, (x, weight))
-    seen, plain = [], swat.chunk_loss_and_grad
+    seen, plain = [], swat.chunk_loss_and_grad_
 
     def watched(logits, targets, weights):          # each chunk's targets, as the loss sees them
         seen.append(targets)
         return plain(logits, targets, weights)
-    monkeypatch.setattr(swat, 'chunk_loss_and_grad', watched)
+    monkeypatch.setattr(swat, 'chunk_loss_and_grad_', watched)
     loss = swat.chunked_cross_entropy(x, weight, targets, chunk_size=64, max_targets=max_targets)
     rows = torch.cat(seen)
     assert len(rows) == max_targets and (rows != -1).sum() == 37
