@@ -808,8 +808,10 @@ class SWAT(nn.Module):
         if cuda_graph and idx.is_cuda:
             step = CUDAGraphStep(step)
         if idx.size(1) <= SHORT_PROMPT:
-            for t in range(idx.size(1)):        # what it samples before the prompt's end: dropped
-                token = step(idx[:, t:t + 1])
+            # (B, 1) each, laid out as a sampled token is: a compiled step would recompile for a
+            # view of another stride; what it samples before the prompt's end is dropped
+            for prompt_token in idx.t().contiguous()[..., None]:
+                token = step(prompt_token)
         else:
             token = sample(self.prefill(idx, cache), temperature, top_k)
         yield token
