@@ -449,7 +449,7 @@ def _decode_kernel(Q, K, V, O, Distance, Visible, Cos, Sin, Slopes, bias, scale,
     K = _at_head(K, stride_kb, stride_kh, H)
     V = _at_head(V, stride_vb, stride_vh, H)
     O = _at_head(O, stride_ob, stride_oh, H)
-    slope = tl.load(Slopes + tl.program_id(1) % H)
+    slope = tl.load(Slopes + tl.program_id(1) % H).to(tl.float32)     # (the model's dtype)
     HALF: tl.constexpr = D // 2
     offs_h = tl.arange(0, HALF)             # RoPE pairs x_i with x_{i + D/2}: the two halves
     offs_d = tl.arange(0, D)
@@ -717,5 +717,4 @@ def swat_decode(q, keys, values, distance, visible, back_rotation, slopes, bias=
     cos, sin = (x.contiguous() for x in back_rotation) if back_rotation is not None else (None, None)
     q = q if q.stride(-1) == 1 else q.contiguous()
     return torch.ops.nanoswat.swat_decode(q, keys.contiguous(), values.contiguous(), distance,
-                                          visible, cos, sin, slopes.to(torch.float32), scale,
-                                          float(bias))
+                                          visible, cos, sin, slopes, scale, float(bias))

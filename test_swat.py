@@ -374,7 +374,7 @@ def test_decode_kernel_is_eq5_for_one_query(B, H, S, D, dtype, rope):
     q, keys, values = (torch.randn(B, H, n, D).to(dtype).to(DEVICE) for n in (1, S, S))
     distance = torch.randperm(S, device=DEVICE)                 # slot -> distance back
     visible = (torch.rand(S, device=DEVICE) < 0.8) | (distance == 0)
-    slopes = random_slopes(H)
+    slopes = random_slopes(H).to(dtype)                 # as a model converted to dtype holds them
     cos, sin = rope_cos_sin(distance, D, 10000.0)
     out = swat_decode(q, keys, values, distance, visible, (cos, -sin) if rope else None, slopes,
                       bias)
