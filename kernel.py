@@ -15,6 +15,8 @@ a window of w keys whose logits are 0 sum to w / (w + 1), about one, as a softma
 This file holds two implementations of that one equation:
 - swat_attention_reference: plain PyTorch einsums, the readable definition, any device.
 - swat_attention: fused Triton kernels for the forward and backward pass.
+and the same two for generation's one new query per row against a KV cache:
+swat_decode_reference and swat_decode.
 """
 
 import math
