@@ -352,10 +352,6 @@ def test_kernel_writes_every_element():
         assert relative_error(g, x.grad) < 1e-5
 
 
-
-
-
-
 # (B, H, S, D): the cache's S slots below one block of the decode kernel (64), not a multiple of
 # it, a multiple; every head size; on a GPU the default model's cache at batch 64, a long window
 DECODE_SHAPES = [(1, 2, 1, 16), (2, 3, 37, 32), (1, 2, 64, 64), (2, 2, 130, 128)] + (
