@@ -833,8 +833,9 @@ class SWAT(nn.Module):
 
 
 # A prompt of at most SHORT_PROMPT tokens is read by the decode step itself, a token at a time:
-# on a GPU the fused kernel's first launch in a process compiles and tunes it (~1 s), the time
-# of some thousands of decode steps. Longer prompts go through prefill, one forward.
+# on a GPU whose Triton cache is empty the fused training kernel's first launch compiles and
+# times its candidates, seconds (a first sample.py: its first token after 4.4 s, against 1.7 s
+# read by steps; RESULTS.md, section 5). Longer prompts go through prefill, one forward.
 SHORT_PROMPT = 64
 
 
