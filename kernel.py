@@ -654,6 +654,7 @@ def _decode_op(q, keys, values, distance, visible, cos, sin, slopes, scale, bias
 
 
 def _fake_decode(q, keys, values, distance, visible, cos, sin, slopes, scale, bias):
+    """What torch.compile traces the decode step with: an output (B, H, D), no kernel."""
     return q.new_empty(q.shape[:2] + q.shape[3:])
 
 
