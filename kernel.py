@@ -717,7 +717,7 @@ def swat_decode(q, keys, values, distance, visible, back_rotation, slopes, bias=
     if not (q.is_cuda or INTERPRET):
         return swat_decode_reference(q, keys, values, distance, visible, back_rotation, slopes,
                                      scale, bias).to(q.dtype)
-    cos, sin = (x.contiguous() for x in back_rotation) if back_rotation is not None else (None, None)
+    cos, sin = (None, None) if back_rotation is None else (x.contiguous() for x in back_rotation)
     q = q if q.stride(-1) == 1 else q.contiguous()
     return torch.ops.nanoswat.swat_decode(q, keys.contiguous(), values.contiguous(), distance,
                                           visible, cos, sin, slopes, scale, float(bias))

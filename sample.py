@@ -164,8 +164,9 @@ def main(args=None):
                 print(SEPARATOR)
         synchronize(device)
         dt = time.perf_counter() - t0
-    # the first tokens wait for the prompt's reading (on a GPU: a prompt of over 64 tokens, the
-    # kernels' tuning too; the first step records the step's CUDA graph); each later one is a step
+    # the first tokens wait for the prompt's reading and, on a GPU, for every first use in the
+    # process (a prompt of over 64 tokens: the kernels' tuning too); the next step records the
+    # step's CUDA graph, and each later one replays it
     after = f" (the first after {first[0]:.2f} s)" if first else ''
     print(f"{num_samples * max_new_tokens} tokens in {dt:.2f} s: "
           f"{num_samples * max_new_tokens / dt:.1f} tokens/s{after}")
