@@ -430,35 +430,23 @@ def chunk_loss_(logits, targets, weights):
 def chunk_loss_and_grad_(logits, targets, weights):
     """chunk_loss_ of logits (M, V), in float32 whatever their dtype, and its gradient with
     respect to them, (softmax - one_hot(target)) * weight, written over the logits, in their
-    dtype: a chunk needs one (M, V) buffer, not two. Eager, in place: each step one pass, and
-    the one-hot a scatter, one element per row (a comparison with every column would be passes
-    over the whole chunk, several times slower on a CPU)."""
+    dtype: a chunk needs one (M, V) buffer, not two."""
     grad = logits.float()                                   # (logits itself, if float32)
     loss, sum_exp = chunk_loss_(grad, targets, weights)
     grad = grad.div_(sum_exp[:, None])                                       # softmax, in place
-    grad.scatter_add_(1, targets.clamp(min=0)[:, None],
-                      torch.full_like(sum_exp[:, None], -1.0))               # - one_hot(target)
+    if torch.compiler.is_compiling():
+        # Compiled, the one-hot is a comparison with each column: the softmax, the one-hot, the
+        # weights and the cast become one pass over the chunk (a scatter would end that pass, its
+        # float32 result written out and read back). A row without a target (-1) matches none.
+        is_target = torch.arange(grad.size(1), device=grad.device) == targets[:, None]
+        grad = torch.where(is_target, grad - 1.0, grad)
+    else:
+        # Eagerly, the comparison would be passes over the whole chunk (several times slower on
+        # a CPU); a scatter touches one element per row.
+        grad.scatter_add_(1, targets.clamp(min=0)[:, None],
+                          torch.full_like(sum_exp[:, None], -1.0))           # - one_hot(target)
     grad = grad.mul_(weights[:, None])
     return loss, grad if logits.dtype == torch.float32 else logits.copy_(grad)
-
-
-def fused_loss_and_grad_(logits, targets, weights):
-    """chunk_loss_and_grad_ written for torch.compile: two reductions over the 16-bit logits (the
-    max, the sum of exps) and one pass that writes the gradient over them. No step is in place,
-    so the compiler computes exp(logit - max) again in the last pass instead of keeping a float32
-    copy of the chunk between the passes (as the in-place form makes it do: 1.7x slower on a
-    CPU), and the one-hot is a comparison with each column, which fuses into that pass (a
-    scatter would end it). A row without a target (-1) matches no column."""
-    x = logits.float()
-    top = x.amax(dim=-1, keepdim=True)                                       # (M, 1)
-    sum_exp = (x - top).exp().sum(dim=-1)                                    # (M,)
-    target_logit = x.gather(1, targets.clamp(min=0)[:, None])[:, 0]
-    lse = sum_exp.log() + top[:, 0]
-    loss = torch.where(weights != 0, (lse - target_logit) * weights, 0.0).sum()
-    softmax = (x - top).exp() / sum_exp[:, None]
-    is_target = torch.arange(x.size(1), device=x.device) == targets[:, None]
-    grad = torch.where(is_target, softmax - 1.0, softmax) * weights[:, None]
-    return loss, logits.copy_(grad)
 
 
 @functools.cache
@@ -484,7 +472,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, chunk_size):
         scored = targets != -1                                   # -1: a position not scored
         weights = scored / scored.sum()                          # each scored row's share: 1/n
-        loss_and_grad = compiled(fused_loss_and_grad_) if FUSED_LOSS and x.is_cuda \
+        loss_and_grad = compiled(chunk_loss_and_grad_) if FUSED_LOSS and x.is_cuda \
             else chunk_loss_and_grad_
         loss = torch.zeros((), device=x.device)
         grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)

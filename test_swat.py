@@ -526,9 +526,9 @@ def test_chunked_cross_entropy_is_the_plain_loss(N, chunk_size, dtype):
 
 
 def test_the_loss_tail_as_compiled_is_the_eager_tail():
-    """The chunk's tail written for the compiler, eagerly and as torch.compile traces it (the
-    aot_eager backend runs the traced graph without a compiler), and the eager tail give
-    F.cross_entropy's loss and gradient, rows without a target included."""
+    """The chunk's tail as torch.compile traces it (the one-hot a comparison with each column;
+    the aot_eager backend runs the traced graph without a compiler) and the eager tail (the
+    one-hot a scatter) give F.cross_entropy's loss and gradient, rows without a target included."""
     torch.manual_seed(0)
     logits = torch.randn(37, 101)
     targets = torch.randint(0, 101, (37,))
@@ -537,8 +537,8 @@ def test_the_loss_tail_as_compiled_is_the_eager_tail():
     leaf = logits.clone().requires_grad_()
     expected = F.cross_entropy(leaf, targets, ignore_index=-1)
     grad, = torch.autograd.grad(expected, leaf)
-    traced = torch.compile(swat.fused_loss_and_grad_, backend='aot_eager', fullgraph=True)
-    for tail in (swat.chunk_loss_and_grad_, swat.fused_loss_and_grad_, traced):
+    traced = torch.compile(swat.chunk_loss_and_grad_, backend='aot_eager', fullgraph=True)
+    for tail in (swat.chunk_loss_and_grad_, traced):
         loss, got = tail(logits.clone(), targets, weights)
         assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
         assert relative_error(got, grad) < 1e-6
