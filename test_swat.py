@@ -3688,6 +3688,24 @@ def test_recall_keeps_each_trainings_scores_and_tables_them_alone(recall_setting
     assert 'no finished training' in exit_message(recall.main, args)
 
 
+def test_the_kept_recall_scores_fit_the_default_preset(recall_settings, tmp_path, capsys):
+    """recall_scores/ keeps the scores.json of trainings of the default preset, run on GPUs, and
+    --action=eval makes their tables from those files alone. So they must fit the preset as it
+    is: a change to its task, trainings or evaluation that they do not fit fails here, and asks
+    for the trainings to run again."""
+    kept = sorted(os.listdir(os.path.join(ROOT, 'recall_scores')))
+    assert kept, "recall_scores/ holds no training's scores"
+    shutil.copytree(os.path.join(ROOT, 'recall_scores'), tmp_path / 'scores')
+    recall.main(['--action=eval', f'--out_root={tmp_path / "scores"}', '--plot=',
+                 '--device=cpu', '--dtype=float32'])
+    out = capsys.readouterr().out
+    for folder in kept:
+        name, seed = folder.rsplit('-s', 1)
+        for label, reading, _ in recall.READINGS:
+            if reading == name:
+                assert f'| {label} (1 of 3 seeds)' in out or f'| {label} |' in out, (label, out)
+
+
 def test_recall_scores_each_training_at_each_scoring_step(recall_settings, tmp_path,
                                                           monkeypatch):
     """--action=train runs each training to each of the preset's score_steps in turn, on one
