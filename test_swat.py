@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from conftest import (DATA, DEVICE, GPU, ROOT, SCRIPT_ENV, SEPARATOR, TINY, TOLERANCE, V,
                       assert_one_line, assert_same_weights, exit_message, file_hash, load_ckpt,
@@ -350,6 +351,21 @@ def test_kernel_writes_every_element():
     assert relative_error(out, truth) < 1e-5
     for g, x in zip(grads, exact):
         assert relative_error(g, x.grad) < 1e-5
+
+
+@slow                                           # Triton hashes half a gigabyte of files
+def test_hash_triton_in_background_leaves_tritons_key_computed():
+    """The thread computes the hash that Triton's first launch would, and Triton keeps it: the
+    process's next call returns it at once."""
+    triton_key = kernel.tritons_key_function()
+    triton_key.cache_clear()
+    thread = kernel.hash_triton_in_background()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and triton_key.cache_info().currsize == 1
+    t0 = time.perf_counter()
+    key = triton_key()
+    assert time.perf_counter() - t0 < 0.01 and triton_key.cache_info().hits == 1
+    assert key.startswith(triton.__version__)
 
 
 # (B, H, S, D): the cache's S slots below one block of the decode kernel (64), not a multiple of
