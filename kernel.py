@@ -724,7 +724,7 @@ def swat_decode(q, keys, values, distance, visible, back_rotation, slopes, bias=
                                           visible, cos, sin, slopes, scale, float(bias))
 
 
-def tritons_key_function():
+def triton_key_function():
     """Triton's function that hashes its own compiler and library into part of the key of every
     kernel in its cache; it computes the hash once per process and keeps it (functools'
     lru_cache). Where Triton keeps the function has moved between versions."""
@@ -737,12 +737,12 @@ def tritons_key_function():
 
 def hash_triton_in_background():
     """Start Triton's hash of itself in a thread and return the thread. Triton computes it at
-    the first kernel launch of a process, from half a gigabyte of files: on an H200 machine
-    most of the 0.8 s that sample.py's first decode step took, against 3-4 ms of the step's own
-    work (RESULTS.md, section 5). Hashing and reading files release the GIL, so in a thread it
-    runs beside the caller's start-up (reading a checkpoint, importing the compiler). Join the
-    thread before the first launch."""
-    thread = threading.Thread(target=lambda: tritons_key_function()(), name='hash-triton',
+    the first kernel launch of a process, from half a gigabyte of files: 0.4-1.2 s on a 2-core
+    CPU, and likely most of the 0.8 s that sample.py's first decode step took on an H200
+    machine against 3-4 ms of the step's own work (RESULTS.md, section 5). Hashing and reading
+    files release the GIL, so in a thread it runs beside the caller's start-up (reading a
+    checkpoint, importing the compiler). Join the thread before the first launch."""
+    thread = threading.Thread(target=lambda: triton_key_function()(), name='hash-triton',
                               daemon=True)
     thread.start()
     return thread

@@ -357,7 +357,7 @@ def test_kernel_writes_every_element():
 def test_hash_triton_in_background_leaves_tritons_key_computed():
     """The thread computes the hash that Triton's first launch would, and Triton keeps it: the
     process's next call returns it at once."""
-    triton_key = kernel.tritons_key_function()
+    triton_key = kernel.triton_key_function()
     triton_key.cache_clear()
     thread = kernel.hash_triton_in_background()
     thread.join(timeout=60)
