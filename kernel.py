@@ -742,7 +742,6 @@ def hash_triton_in_background():
     machine against 3-4 ms of the step's own work (RESULTS.md, section 5). Hashing and reading
     files release the GIL, so in a thread it runs beside the caller's start-up (reading a
     checkpoint, importing the compiler). Join the thread before the first launch."""
-    thread = threading.Thread(target=lambda: triton_key_function()(), name='hash-triton',
-                              daemon=True)
+    thread = threading.Thread(target=triton_key_function(), name='hash-triton', daemon=True)
     thread.start()
     return thread
