@@ -647,16 +647,20 @@ def _backward_op(do, q, k, v, slopes, window, scale, bias):
                          *(_empty_like(q) for _ in range(3)))
 
 
+def _decode_output(q):
+    # (B, H, D) for q (B, H, 1, D), contiguous: the real operator and its fake, as _empty_like
+    return torch.empty(q.shape[:2] + q.shape[3:], dtype=q.dtype, device=q.device)
+
+
 def _decode_op(q, keys, values, distance, visible, cos, sin, slopes, scale, bias):
     """nanoswat::swat_decode itself: allocate the output (B, H, D), launch the decode kernel."""
-    out = torch.empty(q.shape[:2] + q.shape[3:], dtype=q.dtype, device=q.device)
     return swat_decode_forward(q, keys, values, distance, visible, cos, sin, slopes, scale, bias,
-                               out)
+                               _decode_output(q))
 
 
 def _fake_decode(q, keys, values, distance, visible, cos, sin, slopes, scale, bias):
     """What torch.compile traces the decode step with: an output (B, H, D), no kernel."""
-    return q.new_empty(q.shape[:2] + q.shape[3:])
+    return _decode_output(q)
 
 
 def _fake_forward(q, k, v, slopes, window, scale, bias):
