@@ -490,7 +490,11 @@ def _decode_kernel(Q, K, V, O, Distance, Visible, Cos, Sin, Slopes, bias, scale,
 # the choice is also written to Triton's cache on disk, so that a later process (the next
 # train.py or sample.py) takes it without timing the candidates again. Before the first timing
 # the candidates are compiled all at once, a thread each: Triton's compiler releases the GIL for
-# most of its work, so together they take a fraction of their sum (RESULTS.md, section 3).
+# most of its work, so together they take a fraction of their sum (RESULTS.md, section 3). Once
+# the autotuner has chosen, later calls launch its choice themselves: the autotuner's own
+# bookkeeping at every call (a dict of the ~30 arguments, a key with every tensor's dtype) cost
+# ~27 µs a launch on the H200 machine, half the host's time of a forward+backward's three
+# launches (RESULTS.md, section 1).
 
 PINNED = None   # None: autotune, as above. An index i: run the i-th fast configuration of each
                 # kernel untimed, so one compile per head size and dtype and no timing runs (the
@@ -508,7 +512,7 @@ class _Launcher:
         self.autotuned = triton.autotune(configs=configs, key=['D', 'WINDOW'],
                                          cache_results=True)(kernel)
         self.window_at = kernel.arg_names.index('WINDOW')
-        self.compiled = set()               # the autotuner's keys whose candidates are compiled
+        self.chosen = {}                    # (dtype, D, WINDOW) -> the chosen config's kwargs
 
     def compile_candidates(self, grid, args, kwargs):
         """Compile every candidate configuration for these arguments, all at once."""
@@ -526,10 +530,12 @@ class _Launcher:
                 shape = self.small
             elif config is None:
                 key = (dtype, kwargs['D'], args[self.window_at])
-                if key not in self.compiled:
-                    self.compile_candidates(grid, args, kwargs)
-                    self.compiled.add(key)
-                return self.autotuned[grid](*args, **kwargs)
+                if key in self.chosen:
+                    return self.kernel[grid](*args, **kwargs, **self.chosen[key])
+                self.compile_candidates(grid, args, kwargs)
+                result = self.autotuned[grid](*args, **kwargs)     # times them, or reads the disk
+                self.chosen[key] = self.autotuned.best_config.all_kwargs()
+                return result
             else:
                 shape = self.fast[config]
             block_m, block_n, num_warps, num_stages = shape
@@ -679,13 +685,18 @@ def _setup_backward(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, slopes)
 
 
-def _autograd_backward(ctx, do):
-    """Autograd's formula: dq, dk, dv through the backward operator; slopes, window, scale and
-    bias get no gradient."""
+def _gradients(ctx, do, backward):
+    """dq, dk, dv from backward(do, q, k, v, slopes, window, scale, bias); slopes, window, scale
+    and bias get no gradient."""
     q, k, v, slopes = ctx.saved_tensors
-    dq, dk, dv = torch.ops.nanoswat.swat_attention_backward(do, q, k, v, slopes, ctx.window,
-                                                            ctx.scale, ctx.bias)
+    dq, dk, dv = backward(do, q, k, v, slopes, ctx.window, ctx.scale, ctx.bias)
     return dq, dk, dv, None, None, None, None
+
+
+def _autograd_backward(ctx, do):
+    """The operator's autograd formula: through the backward operator, which torch.compile
+    traces as one opaque call."""
+    return _gradients(ctx, do, torch.ops.nanoswat.swat_attention_backward)
 
 
 _library.impl('swat_attention', _forward_op, 'CompositeExplicitAutograd')
@@ -696,6 +707,21 @@ _library.impl('swat_decode', _decode_op, 'CompositeExplicitAutograd')
 torch.library.register_fake('nanoswat::swat_decode', _fake_decode)
 torch.library.register_autograd('nanoswat::swat_attention', _autograd_backward,
                                 setup_context=_setup_backward)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The operator's forward and backward called directly, for eager code: the dispatcher's
+    path through a Python operator and its registered autograd cost more host time than the
+    three launches themselves (RESULTS.md, section 1). torch.compile needs the operator."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, window, scale, bias):
+        _setup_backward(ctx, (q, k, v, slopes, window, scale, bias), None)
+        return _forward_op(q, k, v, slopes, window, scale, bias)
+
+    @staticmethod
+    def backward(ctx, do):
+        return _gradients(ctx, do, _backward_op)
 
 
 def swat_attention(q, k, v, slopes, window, scale=None, bias=0.0):
@@ -710,8 +736,9 @@ def swat_attention(q, k, v, slopes, window, scale=None, bias=0.0):
     if not (q.is_cuda or INTERPRET):
         return swat_attention_reference(q, k, v, slopes, window, scale, bias)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return torch.ops.nanoswat.swat_attention(q, k, v, slopes.to(torch.float32).contiguous(), window,
-                                             scale, float(bias))
+    attention = (torch.ops.nanoswat.swat_attention if torch.compiler.is_compiling()
+                 else _EagerAttention.apply)
+    return attention(q, k, v, slopes.to(torch.float32).contiguous(), window, scale, float(bias))
 
 
 def swat_decode(q, keys, values, distance, visible, back_rotation, slopes, bias=0.0):

@@ -296,11 +296,14 @@ def test_every_autotuner_candidate_matches_ground_truth(config, monkeypatch):
 def test_autotuning_compiles_every_candidate_at_once_then_picks_one(monkeypatch):
     """Unpinned, as in train.py: the first call at a new head size and window compiles every
     candidate of each kernel, all at once, before the autotuner times them; the one it keeps
-    computes Eq. 5 and its gradients."""
+    computes Eq. 5 and its gradients, and later calls launch it without the autotuner."""
     monkeypatch.setattr(kernel, 'PINNED', None)
     check_against_ground_truth(1, 2, 300, 64, 77, torch.bfloat16, 'mixed')
     for launcher in (kernel._forward, kernel._dkdv, kernel._dq):
-        assert (torch.bfloat16, 64, 77) in launcher.compiled
+        chosen = launcher.chosen[(torch.bfloat16, 64, 77)]
+        assert chosen in [config.all_kwargs() for config in launcher.autotuned.configs]
+        monkeypatch.setattr(launcher.autotuned, 'run', None)     # a call to it would fail
+    check_against_ground_truth(1, 2, 300, 64, 77, torch.bfloat16, 'mixed')
 
 
 @pytest.mark.usefixtures('compiled_kernels')
@@ -399,6 +402,40 @@ def test_decode_kernel_is_eq5_for_one_query(B, H, S, D, dtype, rope):
     expected = (torch.sigmoid(logits) * visible)[..., None].mul(values).sum(-2)       # (B, H, D)
     assert out.shape == (B, H, D) and out.dtype == dtype
     assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+def test_torch_compile_traces_the_attention_as_one_operator():
+    """Eager code calls the kernels through an autograd.Function, torch.compile through the
+    registered operator (on a CPU: the aot_eager backend, no code generated, the interpreter's
+    kernels run): one call of it in the graph, and the same output and gradients as eager."""
+    torch.manual_seed(0)
+    q, k, v = random_inputs(1, 2, 40, 16, torch.float32)
+    slopes = random_slopes(2)
+
+    def loss(q, k, v):
+        return swat_attention(q, k, v, slopes, 12).square().sum()
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = []                                     # the forward and the backward, as traced
+
+    def keep(graph, example_inputs):
+        graphs.append(graph)
+        return make_boxed_func(graph.forward)
+
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    eager = loss(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(loss, backend=backend, fullgraph=True)(*leaves)
+    compiled_grads = torch.autograd.grad(compiled, leaves)
+    forward, backward = ([node.target for node in graph.graph.nodes] for graph in graphs)
+    assert forward.count(torch.ops.nanoswat.swat_attention.default) == 1
+    assert backward.count(torch.ops.nanoswat.swat_attention_backward.default) == 1
+    assert relative_error(compiled, eager) < 1e-6
+    for got, expected in zip(compiled_grads, eager_grads):
+        assert relative_error(got, expected) < 1e-6
 
 
 @slow
