@@ -19,6 +19,7 @@ and the same two for generation's one new query per row against a KV cache:
 swat_decode_reference and swat_decode.
 """
 
+import importlib
 import math
 import os
 import threading
@@ -766,13 +767,24 @@ def triton_key_function():
     return triton_key
 
 
-def hash_triton_in_background():
-    """Start Triton's hash of itself in a thread and return the thread. Triton computes it at
-    the first kernel launch of a process, from half a gigabyte of files: 0.4-1.2 s on a 2-core
-    CPU, and likely most of the 0.8 s that sample.py's first decode step took on an H200
-    machine against 3-4 ms of the step's own work (RESULTS.md, section 5). Hashing and reading
-    files release the GIL, so in a thread it runs beside the caller's start-up (reading a
-    checkpoint, importing the compiler). Join the thread before the first launch."""
-    thread = threading.Thread(target=triton_key_function(), name='hash-triton', daemon=True)
+def warm_up_triton_in_background(imports=False):
+    """Start, in a thread, what the first kernel launch of a process waits for, and return the
+    thread: join it before the first launch. At that launch Triton hashes itself (triton_key,
+    half a gigabyte of files: 0.36 s of the 0.74 s that sample.py's first decode step took on
+    an H200 machine, against 3-4 ms of the step's own work; RESULTS.md, section 5), and its
+    argument specialisation imports its Gluon language, 0.14 s more. Hashing and reading files
+    release the GIL, so the thread runs beside the caller's start-up (reading a checkpoint).
+    imports=True imports Gluon in the thread too: only for a caller that imports nothing
+    meanwhile, since two threads importing one package's modules at once can each be handed a
+    module the other has not finished."""
+    def warm_up():
+        triton_key_function()()
+        if imports:
+            try:
+                importlib.import_module('triton.experimental.gluon')
+            except ImportError:         # a Triton without it: nothing to import ahead
+                pass
+
+    thread = threading.Thread(target=warm_up, name='warm-up-triton', daemon=True)
     thread.start()
     return thread

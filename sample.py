@@ -20,7 +20,7 @@ import time
 import torch
 
 from configurator import apply_overrides
-from kernel import hash_triton_in_background
+from kernel import warm_up_triton_in_background
 from runtime import DTYPES, setup_device_and_precision, synchronize
 from swat import SWAT, CheckpointError, checkpoint_path
 from tokenizer import gpt2_tokenizer
@@ -117,8 +117,9 @@ def main(args=None):
     check_settings()
     # the device before the checkpoint: --device=cuda on a machine without one fails here, clearly
     device_type, _ = setup_device_and_precision(device, dtype)
-    # what Triton's first launch (the first token's) would wait for, done while the model loads
-    hashing = hash_triton_in_background() if device_type == 'cuda' else None
+    # what Triton's first launch (the first token's) would wait for, done while the model loads;
+    # nothing else imports meanwhile, so its imports can go in the thread too
+    warming = warm_up_triton_in_background(imports=True) if device_type == 'cuda' else None
     enc = gpt2_tokenizer()
     start_ids = enc.encode(read_prompt(start), allowed_special={"<|endoftext|>"})
 
@@ -136,8 +137,8 @@ def main(args=None):
     # step the time goes to reading the weights, and bfloat16 weights are half as many bytes.
     model.to(DTYPES[dtype])
 
-    if hashing is not None:
-        hashing.join()
+    if warming is not None:
+        warming.join()
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]   # (1, T)
     x = x.expand(num_samples, -1)                                             # (num_samples, T)
     settings = dict(temperature=temperature, top_k=top_k if top_k > 0 else None,

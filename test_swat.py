@@ -357,18 +357,31 @@ def test_kernel_writes_every_element():
 
 
 @slow                                           # Triton hashes half a gigabyte of files
-def test_hash_triton_in_background_leaves_tritons_key_computed():
+def test_warm_up_triton_in_background_leaves_tritons_key_computed():
     """The thread computes the hash that Triton's first launch would, and Triton keeps it: the
     process's next call returns it at once."""
     triton_key = kernel.triton_key_function()
     triton_key.cache_clear()
-    thread = kernel.hash_triton_in_background()
+    thread = kernel.warm_up_triton_in_background()
     thread.join(timeout=60)
     assert not thread.is_alive() and triton_key.cache_info().currsize == 1
     t0 = time.perf_counter()
     key = triton_key()
     assert time.perf_counter() - t0 < 0.01 and triton_key.cache_info().hits == 1
     assert key.startswith(triton.__version__)
+
+
+@slow                                           # two fresh interpreters, each hashing Triton
+@pytest.mark.parametrize('imports', [False, True])
+def test_warm_up_triton_imports_gluon_only_when_asked(imports):
+    """With imports=True the thread also imports what Triton's first launch would (its Gluon
+    language), in a fresh process where nothing had imported it; without, it does not."""
+    code = ("import sys, kernel; thread = kernel.warm_up_triton_in_background(imports=%s); "
+            "thread.join(); print('triton.experimental.gluon' in sys.modules)" % imports)
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(imports)]
 
 
 # (B, H, S, D): the cache's S slots below one block of the decode kernel (64), not a multiple of

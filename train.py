@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_overrides
-from kernel import hash_triton_in_background
+from kernel import warm_up_triton_in_background
 from runtime import setup_device_and_precision
 from swat import SWAT, CUDAGraphStep, SWATConfig
 from training import (CheckpointWriter, StopFlag, changed_settings, check_mask_file, check_out_dir,
@@ -150,8 +150,9 @@ if ddp:
         torch.cuda.set_device(device)       # the default GPU of this process
     dist.init_process_group(backend=backend)
 
-# what Triton's first launch (the first evaluation's) would wait for, done beside the start-up
-hashing = hash_triton_in_background() if device_type == 'cuda' else None
+# what Triton's first launch (the first evaluation's) would wait for, hashed beside the start-up
+# (not its imports: the compiler's own are imported meanwhile, see warm_up_triton_in_background)
+warming = warm_up_triton_in_background() if device_type == 'cuda' else None
 
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 torch.manual_seed(seed + rank)              # the ranks draw different dropout masks
@@ -399,8 +400,8 @@ t_start = time.time()
 t_log, iter_log = t_start, iter_num          # when and at which step the last log was
 losses = None
 eval_seconds = None                         # how long the last evaluation took
-if hashing is not None:
-    hashing.join()
+if warming is not None:
+    warming.join()
 while True:
 
     # evaluate at every eval_interval and at the end; save when val improves
