@@ -419,8 +419,9 @@ def test_decode_kernel_is_eq5_for_one_query(B, H, S, D, dtype, rope):
 
 def test_torch_compile_traces_the_attention_as_one_operator():
     """Eager code calls the kernels through an autograd.Function, torch.compile through the
-    registered operator (on a CPU: the aot_eager backend, no code generated, the interpreter's
-    kernels run): one call of it in the graph, and the same output and gradients as eager."""
+    registered operator: one call of it in each traced graph, forward and backward, and the same
+    output and gradients as eager. The graphs run as traced (no code generated), so on a CPU the
+    interpreter's kernels run inside them."""
     torch.manual_seed(0)
     q, k, v = random_inputs(1, 2, 40, 16, torch.float32)
     slopes = random_slopes(2)
