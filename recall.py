@@ -163,8 +163,8 @@ PRESETS = {
     # full attention has 99.6-99.8% at every d in the window by step 9,600, over three seeds.
     # 300,000 examples, read once in the 9,600 steps of 32: with 50,000, read six times, the
     # windowed models memorised them (their validation loss rose) and relayed a fact a window
-    # back (d = 127) in one seed of three at best; with 300,000 softmax SWA and SWAT both do
-    # (seed 1; RESULTS.md, section 6)
+    # back (d = 127) in one seed of three at best; with 300,000 softmax SWA and SWAT both carry
+    # the passkey there in both seeds run (RESULTS.md, section 6)
     'default': Preset(n_layer=4, n_head=4, n_embd=256, window=64, block_size=512,
                       n_keys=256, n_values=256, n_pairs=16, induction_share=0.5,
                       train_examples=300_000,
