@@ -585,10 +585,18 @@ def run_trainings(p):
     saves a checkpoint at its next log step, and none runs on after recall.py."""
     if not data_is_prepared(p) and run_command(prepare_command()).wait() != 0:
         raise SystemExit("data/recall/prepare.py failed")
+    # each training is scored as soon as it reaches a scoring step: scores.json is the result
+    distances = band_distances(p.window, p.n_layer, p.max_distance, p.points_per_band)
+    scorer = Scorer(p, distances)
+    # one stopped after a stage but before its scoring is scored first (at the last step, it
+    # would not run again: its checkpoint says it is finished)
+    for seed in selected_seeds(p):
+        for name in selected_trainings():
+            steps = trained_steps(checkpoint_dir(name, seed))
+            if steps in p.score_steps and steps not in saved_scores(p, name, seed, distances):
+                scorer(name, seed)
     todo = [(name, seed, settings) for seed in selected_seeds(p) for name in selected_trainings()
             if (settings := next_stage(p, name, seed)) is not None]
-    # each training is scored as soon as it reaches a scoring step: scores.json is the result
-    scorer = Scorer(p, band_distances(p.window, p.n_layer, p.max_distance, p.points_per_band))
     print(f"{len(todo)} trainings to run, {jobs} at a time")
     running = []
     # SIGTERM (from `timeout`, `kill` or a cluster) stops recall.py as Ctrl-C does: by raising

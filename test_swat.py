@@ -3773,14 +3773,13 @@ def test_the_kept_recall_scores_fit_the_default_preset(recall_settings, tmp_path
                 assert re.search(rf'\| {re.escape(label)}( \(.*?\))* \|', out), (label, out)
 
 
-def test_recall_scores_each_training_at_each_scoring_step(recall_settings, tmp_path,
-                                                          monkeypatch):
-    """--action=train runs each training to each of the preset's score_steps in turn, on one
-    learning-rate schedule (resuming its checkpoint), and scores it at each: here train.py
-    only writes the checkpoint it would, and the scoring is noted down."""
+def note_stages(monkeypatch):
+    """recall.py with a train.py that only writes the checkpoint it would (at --max_iters, at
+    once) and a scorer that only notes what it scores. Returns the lists they fill: each
+    train.py's settings, and (training, step) for each scoring."""
     started, scored = [], []
 
-    def run_command(cmd, **kwargs):         # a train.py that gets to --max_iters at once
+    def run_command(cmd, **kwargs):
         settings = dict(arg[2:].split('=', 1) for arg in cmd[2:])
         started.append(settings)
         torch.save({'iter_num': int(settings['max_iters']), 'model': {}, 'model_args': {}},
@@ -3797,6 +3796,15 @@ def test_recall_scores_each_training_at_each_scoring_step(recall_settings, tmp_p
     monkeypatch.setattr(recall, 'Scorer', NotedScorer)
     monkeypatch.setattr(recall, 'data_is_prepared', lambda p: True)
     monkeypatch.setattr(recall, 'time', QuickClock)
+    return started, scored
+
+
+def test_recall_scores_each_training_at_each_scoring_step(recall_settings, tmp_path,
+                                                          monkeypatch):
+    """--action=train runs each training to each of the preset's score_steps in turn, on one
+    learning-rate schedule (resuming its checkpoint), and scores it at each: here train.py
+    only writes the checkpoint it would, and the scoring is noted down."""
+    started, scored = note_stages(monkeypatch)
     recall.main(['--preset=tiny', '--action=train', '--jobs=3', f'--out_root={tmp_path}',
                  '--device=cpu'])
     steps = RECALL_TINY.score_steps
@@ -3806,6 +3814,26 @@ def test_recall_scores_each_training_at_each_scoring_step(recall_settings, tmp_p
         assert {s['lr_decay_iters'] for s in runs} == {str(steps[-1])}
         assert [s.get('init_from') for s in runs] == [None] + ['resume'] * (len(steps) - 1)
         assert [step for scored_name, step in scored if scored_name == name] == list(steps)
+
+
+def test_recall_scores_a_training_stopped_before_its_scoring(recall_settings, tmp_path,
+                                                             monkeypatch):
+    """A training stopped between the end of a stage and its scoring there (its checkpoint at a
+    scoring step that its scores.json lacks) is scored when --action=train runs again, before
+    it goes on; at the last step it is not trained again, only scored."""
+    started, scored = note_stages(monkeypatch)
+    steps = RECALL_TINY.score_steps
+    for name, step in (('vanilla', steps[0]), ('swa', steps[-1])):
+        os.makedirs(tmp_path / f'{name}-s1')
+        torch.save({'iter_num': step, 'model': {}, 'model_args': {}},
+                   tmp_path / f'{name}-s1' / 'ckpt.pt')
+    recall.main(['--preset=tiny', '--action=train', '--trainings=vanilla,swa', '--jobs=2',
+                 f'--out_root={tmp_path}', '--device=cpu'])
+    assert [int(s['max_iters']) for s in started
+            if s['out_dir'] == recall.checkpoint_dir('vanilla', 1)] == list(steps[1:])
+    assert not [s for s in started if s['out_dir'] == recall.checkpoint_dir('swa', 1)]
+    assert [step for name, step in scored if name == 'vanilla'] == list(steps)
+    assert [step for name, step in scored if name == 'swa'] == [steps[-1]]
 
 
 def test_a_curve_still_rising_is_marked():
