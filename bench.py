@@ -19,7 +19,8 @@ The default, --mode=attention, times the six shapes (D, H) = (64, 12), (128, 8) 
   alike. A method that cannot be recorded says why in its row.
 - host µs per call, at the first shape: the CPU time to queue one forward+backward, eager and
   as one torch.compile'd function, host_calls calls timed while the GPU sleeps
-  (torch.cuda._sleep) so that none waits for it.
+  (torch.cuda._sleep) so that none waits for it, the median of `repeats` times; and under
+  swat's eager call, its forward and backward without autograd, then their launches alone.
 The ratio columns are each method's forward+backward ms over swat's, from the medians: the flex
 rows say how much faster swat is than Flex sigmoid and Flex softmax SWA. Then the length sweep:
 swat and SDPA, w = sweep_window, at each T of sweep_lengths.
@@ -69,8 +70,8 @@ tokens = 32768          # B * T for the six shapes
 seq_len = 16384         # T for the six shapes (B = tokens / T)
 sweep_window = 512      # the window of the length sweep ...
 sweep_lengths = '1024,2048,4096,8192,16384,32768,65536'  # ... at these T; '' for no sweep
-repeats = 3             # forward+backward ms: the median of this many do_bench medians, shown
-                        # with their spread (min-max), so that the host's noise shows
+repeats = 3             # forward+backward ms and host µs: the median of this many timings,
+                        # shown with their spread (min-max), so that the host's noise shows
 host_calls = 20         # forward+backward calls timed for the host's µs per call
 mode = 'attention'      # 'attention': the kernel and its peers; 'train': whole training steps;
                         # 'loss': the output layer and its cross-entropy
@@ -355,8 +356,9 @@ GPU_HZ_AT_MOST = 3e9    # above any GPU's clock: a sleep of s * this many cycles
 
 
 def host_us(call, *args):
-    """The CPU time to queue one call(*args), in µs: host_calls of them timed while the GPU
-    sleeps (torch.cuda._sleep), so that no call waits for the GPU; it runs them once awake."""
+    """The CPU time to queue one call(*args), in µs, `repeats` times: each time host_calls of
+    them timed while the GPU sleeps (torch.cuda._sleep), so that no call waits for the GPU; it
+    runs them once awake."""
     def queue_calls():
         start = time.perf_counter()
         for _ in range(host_calls):
@@ -369,34 +371,70 @@ def host_us(call, *args):
     queue_calls()
     torch.cuda.synchronize()
     sleep_s = 2 * (time.perf_counter() - start)     # twice the time to queue and run them
-    torch.cuda._sleep(int(sleep_s * GPU_HZ_AT_MOST))
-    woken = torch.cuda.Event()
-    woken.record()
-    queue_s = queue_calls()
-    slept_through = not woken.query()
-    torch.cuda.synchronize()
-    if not slept_through:
-        raise RuntimeError(f"the GPU woke before the {host_calls} calls were queued (a full "
-                           f"launch queue?): try a smaller host_calls")
-    return queue_s / host_calls * 1e6
+    times = []
+    for _ in range(repeats):
+        torch.cuda._sleep(int(sleep_s * GPU_HZ_AT_MOST))
+        woken = torch.cuda.Event()
+        woken.record()
+        queue_s = queue_calls()
+        slept_through = not woken.query()
+        torch.cuda.synchronize()
+        if not slept_through:
+            raise RuntimeError(f"the GPU woke before the {host_calls} calls were queued (a full "
+                               f"launch queue?): try a smaller host_calls")
+        times.append(queue_s / host_calls * 1e6)
+    return times
 
 
-HOST_HEADER = f"{'method':<13} | {'eager host µs':>16} | {'compiled host µs':>16}"
+def swat_without_autograd(slopes, window):
+    """The layers under swat's eager call, each as call(q, k, v, do) for the host table, so
+    that one row less the next is what a layer costs: the forward and backward that autograd
+    calls, with their outputs' allocation and no checks ('no autograd'), then their three
+    Triton launches alone, into outputs allocated once ('launches'). Each returns the output
+    and the gradients of q, k and v."""
+    outputs = {}
+
+    def operators(q, k, v, do):
+        scale = q.shape[-1] ** -0.5
+        out = kernel.swat_forward(q, k, v, slopes, window, scale, 0.0, torch.empty_like(q))
+        return out, *kernel.swat_backward(do, q, k, v, slopes, window, scale, 0.0,
+                                          *(torch.empty_like(q) for _ in range(3)))
+
+    def launches(q, k, v, do):
+        scale = q.shape[-1] ** -0.5
+        out, dq, dk, dv = outputs.setdefault(q.shape, [torch.empty_like(q) for _ in range(4)])
+        kernel.swat_forward(q, k, v, slopes, window, scale, 0.0, out)
+        return out, *kernel.swat_backward(do, q, k, v, slopes, window, scale, 0.0, dq, dk, dv)
+
+    return {'swat, no autograd': operators, 'swat, launches': launches}
+
+
+HOST_HEADER = (f"{'method':<17} | {'eager host µs (min-max)':>24} | "
+               f"{'compiled host µs (min-max)':>26}")
+
+
+def host_cell(times):
+    """µs as 'median (min-max)' from the repeats; '-' for None; or the reason there are none."""
+    if times is None or isinstance(times, str):
+        return times or '-'
+    median, fastest, slowest = spread(times)
+    return f"{median:.1f} ({fastest:.0f}-{slowest:.0f})"
 
 
 def host_row(name, eager_us, compiled_us):
-    """A row of the host table: each cell µs, or why it has none."""
-    cells = [us if isinstance(us, str) else f"{us:.1f}" for us in (eager_us, compiled_us)]
-    return f"{name:<13} | {cells[0]:>16} | {cells[1]:>16}"
+    """A row of the host table: each cell the µs of the repeats, None for none, or why none."""
+    return f"{name:<17} | {host_cell(eager_us):>24} | {host_cell(compiled_us):>26}"
 
 
 def host_table():
     w, (q, k, v), methods = next(six_shapes())
     B, H, T, D = q.shape
     print(f"host µs per call: the CPU time to queue one forward+backward, {host_calls} calls "
-          f"timed while the GPU sleeps, so that none waits for it; D = {D}, H = {H}, w = {w}\n"
+          f"timed while the GPU sleeps, so that none waits for it, the median of {repeats} "
+          f"times; D = {D}, H = {H}, w = {w}\n"
           f"eager: each method as in the tables above (FlexAttention's call compiled alone, as it "
-          f"must be); compiled: its forward+backward in one torch.compile'd function")
+          f"must be); compiled: its forward+backward in one torch.compile'd function; swat's "
+          f"layers below its eager call: without autograd, then its launches alone")
     print_header(HOST_HEADER)
     compiled_forward_backward = torch.compile(forward_backward)
     do = torch.randn_like(q)
@@ -404,6 +442,10 @@ def host_table():
         eager_us = or_reason('failed', host_us, forward_backward, fn, q, k, v, do)
         compiled_us = or_reason('failed', host_us, compiled_forward_backward, fn, q, k, v, do)
         print(host_row(name, eager_us, compiled_us))
+        if name == 'swat':
+            slopes = alibi_slopes(H).cuda()
+            for layer, call in swat_without_autograd(slopes, w).items():
+                print(host_row(layer, or_reason('failed', host_us, call, q, k, v, do), None))
     print()
 
 

@@ -4361,17 +4361,19 @@ def test_bench_host_time_is_taken_while_the_gpu_sleeps_and_says_when_it_woke(mon
     monkeypatch.setattr(bench.torch.cuda, '_sleep', lambda cycles: events.append(cycles))
     monkeypatch.setattr(bench.torch.cuda, 'Event', Event)
     monkeypatch.setattr(bench, 'host_calls', 5)
+    monkeypatch.setattr(bench, 'repeats', 2)
 
     def call(x):
         events.append(x)
         time.sleep(0.002)
 
-    us = bench.host_us(call, 'call')
+    times = bench.host_us(call, 'call')
     cycles = events[8]
-    assert events == ['call', 'sync'] + ['call'] * 5 + ['sync', cycles, 'woken'] + \
-        ['call'] * 5 + ['sync']
+    timed = [cycles, 'woken'] + ['call'] * 5 + ['sync']
+    assert events == ['call', 'sync'] + ['call'] * 5 + ['sync'] + timed * 2
     assert isinstance(cycles, int) and cycles >= 2 * 5 * 0.002 * bench.GPU_HZ_AT_MOST
-    assert 2000 <= us < 2000 + 1e5              # 2 ms a call, and the loop's own time
+    assert len(times) == 2
+    assert all(2000 <= us < 2000 + 1e5 for us in times)    # 2 ms a call, and the loop's own time
     woke = True
     assert bench.or_reason('failed', bench.host_us, call, 'call') == (
         'failed: the GPU woke before the 5 calls were queued (a full launch queue?): try a '
@@ -4381,8 +4383,28 @@ def test_bench_host_time_is_taken_while_the_gpu_sleeps_and_says_when_it_woke(mon
 @slow                                           # importing bench sets up FlexAttention's compile
 def test_bench_host_row_has_a_cell_for_each_time_or_its_reason():
     import bench
-    row = bench.host_row('flex softmax', 123.456, 87.04)
+    row = bench.host_row('flex softmax', [123.456, 120.2, 130.7], [87.04, 86.6, 87.2])
     assert bars(row) == bars(bench.HOST_HEADER)
-    assert [cell.strip() for cell in row.split('|')] == ['flex softmax', '123.5', '87.0']
-    assert bench.host_row('swat', 41.0, 'failed: backend compiler failed') == (
-        'swat          |             41.0 | failed: backend compiler failed')
+    assert [cell.strip() for cell in row.split('|')] == [
+        'flex softmax', '123.5 (120-131)', '87.0 (87-87)']
+    assert bench.host_row('swat', [41.0], 'failed: backend compiler failed') == (
+        'swat              |             41.0 (41-41) | failed: backend compiler failed')
+    assert bench.host_row('swat, launches', [30.0], None).endswith('|                          -')
+
+
+@slow                                           # importing bench sets up FlexAttention's compile
+def test_bench_times_swat_without_autograd_on_the_same_work():
+    """The host table's rows under swat's eager call (its forward and backward without autograd,
+    then the launches alone) compute swat_attention's output and autograd's gradients."""
+    import bench
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(4))
+    slopes = random_slopes(2)
+    out = kernel.swat_attention(*(x.requires_grad_() for x in (q, k, v)), slopes, 8)
+    expected = (out, *torch.autograd.grad(out, (q, k, v), do))
+    layers = bench.swat_without_autograd(slopes, 8)
+    assert list(layers) == ['swat, no autograd', 'swat, launches']
+    for call in layers.values():
+        for _ in range(2):                      # the launches' outputs are allocated once
+            for got, want in zip(call(q, k, v, do), expected):
+                torch.testing.assert_close(got, want)
