@@ -444,12 +444,14 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, bias, scale, T, H, WINDOW,
 # A row is too small for the tensor cores: plain float32 products and sums.
 
 @triton.jit
-def _decode_kernel(Q, K, V, O, Distance, Visible, Cos, Sin, Slopes, bias, scale, S, H,
-                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
-                   stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_rope,
+def _decode_kernel(Q, Knew, Vnew, K, V, O, Slot, Distance, Visible, Cos, Sin, Slopes, bias, scale,
+                   S, H, stride_qb, stride_qh, stride_nb, stride_nh, stride_kb, stride_kh,
+                   stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_rope,
                    D: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr,
                    FAST_SIGMOID: tl.constexpr):
     Q = _at_head(Q, stride_qb, stride_qh, H)
+    Knew = _at_head(Knew, stride_nb, stride_nh, H)
+    Vnew = _at_head(Vnew, stride_nb, stride_nh, H)
     K = _at_head(K, stride_kb, stride_kh, H)
     V = _at_head(V, stride_vb, stride_vh, H)
     O = _at_head(O, stride_ob, stride_oh, H)
@@ -459,13 +461,28 @@ def _decode_kernel(Q, K, V, O, Distance, Visible, Cos, Sin, Slopes, bias, scale,
     offs_d = tl.arange(0, D)
     q1 = tl.load(Q + offs_h).to(tl.float32)
     q2 = tl.load(Q + HALF + offs_h).to(tl.float32)
+    # The new token's key and value go into their slot of the ring here, in the cache's dtype,
+    # instead of in two copies before the launch. This program is the only one that reads this
+    # row and head of the cache, and it takes that slot's key and value from these registers
+    # below, not from memory: its threads store and load different elements, with no barrier
+    # between them, so a load could still see the old token.
+    slot = tl.load(Slot)
+    new_k1 = tl.load(Knew + offs_h).to(K.dtype.element_ty)
+    new_k2 = tl.load(Knew + HALF + offs_h).to(K.dtype.element_ty)
+    new_v = tl.load(Vnew + offs_d).to(V.dtype.element_ty)
+    tl.store(K + slot * stride_ks + offs_h, new_k1)
+    tl.store(K + slot * stride_ks + HALF + offs_h, new_k2)
+    tl.store(V + slot * stride_vs + offs_d, new_v)
     acc = tl.zeros((D,), dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         in_cache = offs_s < S
+        is_new = (offs_s == slot)[:, None]
         k_rows = K + offs_s[:, None] * stride_ks
-        k1 = tl.load(k_rows + offs_h[None, :], mask=in_cache[:, None], other=0.0).to(tl.float32)
-        k2 = tl.load(k_rows + HALF + offs_h[None, :], mask=in_cache[:, None], other=0.0).to(tl.float32)
+        k1 = tl.load(k_rows + offs_h[None, :], mask=in_cache[:, None], other=0.0)
+        k2 = tl.load(k_rows + HALF + offs_h[None, :], mask=in_cache[:, None], other=0.0)
+        k1 = tl.where(is_new, new_k1[None, :], k1).to(tl.float32)
+        k2 = tl.where(is_new, new_k2[None, :], k2).to(tl.float32)
         if ROPE:                            # back by the distance: Sin holds -sin
             rope_rows = offs_s[:, None] * stride_rope + offs_h[None, :]
             cos = tl.load(Cos + rope_rows, mask=in_cache[:, None], other=0.0)
@@ -478,7 +495,8 @@ def _decode_kernel(Q, K, V, O, Distance, Visible, Cos, Sin, Slopes, bias, scale,
         p = tl.where(seen & in_cache, p, 0.0)
         v = tl.load(V + offs_s[:, None] * stride_vs + offs_d[None, :], mask=in_cache[:, None],
                     other=0.0)
-        acc += tl.sum(p[:, None] * v.to(tl.float32), 0)
+        v = tl.where(is_new, new_v[None, :], v).to(tl.float32)
+        acc += tl.sum(p[:, None] * v, 0)
     tl.store(O + offs_d, acc.to(O.dtype.element_ty))
 
 
@@ -606,16 +624,18 @@ def swat_backward(do, q, k, v, slopes, window, scale, bias, dq, dk, dv, config=N
     return dq, dk, dv
 
 
-def swat_decode_forward(q, keys, values, distance, visible, cos, sin, slopes, scale, bias, out):
-    """Write swat_decode_reference's result for these arguments into out (B, H, D); cos, sin:
-    the back-rotation, or None for none. Launches the decode kernel."""
+def swat_decode_forward(q, k, v, keys, values, slot, distance, visible, cos, sin, slopes, scale,
+                        bias, out):
+    """Write the new token's k, v into slot `slot` of keys, values and swat_decode_reference's
+    result for the cache so written into out (B, H, D); k and v must share their strides; cos,
+    sin: the back-rotation, or None for none. Launches the decode kernel."""
     B, H, S, D = keys.shape
     rope = cos is not None
     cos, sin = (cos, sin) if rope else (slopes, slopes)     # (unread without RoPE)
-    _decode_kernel[(1, B * H)](q, keys, values, out, distance, visible, cos, sin, slopes, bias,
-                               scale, S, H, q.stride(0), q.stride(1), *keys.stride()[:3],
-                               *values.stride()[:3], out.stride(0), out.stride(1),
-                               cos.stride(0) if rope else 0, D=D,
+    _decode_kernel[(1, B * H)](q, k, v, keys, values, out, slot, distance, visible, cos, sin,
+                               slopes, bias, scale, S, H, q.stride(0), q.stride(1), k.stride(0),
+                               k.stride(1), *keys.stride()[:3], *values.stride()[:3],
+                               out.stride(0), out.stride(1), cos.stride(0) if rope else 0, D=D,
                                BLOCK_S=min(64, triton.next_power_of_2(S)), ROPE=rope,
                                FAST_SIGMOID=_kernel_flags(q.dtype)['FAST_SIGMOID'])
     return out
@@ -631,9 +651,9 @@ _library.define('swat_attention(Tensor q, Tensor k, Tensor v, Tensor slopes, int
                 'float scale, float bias) -> Tensor')
 _library.define('swat_attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Tensor slopes, '
                 'int window, float scale, float bias) -> (Tensor, Tensor, Tensor)')
-_library.define('swat_decode(Tensor q, Tensor keys, Tensor values, Tensor distance, '
-                'Tensor visible, Tensor? cos, Tensor? sin, Tensor slopes, float scale, '
-                'float bias) -> Tensor')
+_library.define('swat_decode(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, '
+                'Tensor slot, Tensor distance, Tensor visible, Tensor? cos, Tensor? sin, '
+                'Tensor slopes, float scale, float bias) -> Tensor')
 
 
 def _empty_like(x):
@@ -659,13 +679,15 @@ def _decode_output(q):
     return torch.empty(q.shape[:2] + q.shape[3:], dtype=q.dtype, device=q.device)
 
 
-def _decode_op(q, keys, values, distance, visible, cos, sin, slopes, scale, bias):
-    """nanoswat::swat_decode itself: allocate the output (B, H, D), launch the decode kernel."""
-    return swat_decode_forward(q, keys, values, distance, visible, cos, sin, slopes, scale, bias,
-                               _decode_output(q))
+def _decode_op(q, k, v, keys, values, slot, distance, visible, cos, sin, slopes, scale, bias):
+    """nanoswat::swat_decode itself: allocate the output (B, H, D), launch the decode kernel,
+    which also writes k and v into the cache (the schema says so: keys and values are
+    mutated, and torch.compile keeps the write in place)."""
+    return swat_decode_forward(q, k, v, keys, values, slot, distance, visible, cos, sin, slopes,
+                               scale, bias, _decode_output(q))
 
 
-def _fake_decode(q, keys, values, distance, visible, cos, sin, slopes, scale, bias):
+def _fake_decode(q, k, v, keys, values, slot, distance, visible, cos, sin, slopes, scale, bias):
     """What torch.compile traces the decode step with: an output (B, H, D), no kernel."""
     return _decode_output(q)
 
@@ -742,18 +764,27 @@ def swat_attention(q, k, v, slopes, window, scale=None, bias=0.0):
     return attention(q, k, v, slopes.to(torch.float32).contiguous(), window, scale, float(bias))
 
 
-def swat_decode(q, keys, values, distance, visible, back_rotation, slopes, bias=0.0):
-    """Eq. 5 for one new query per row against a KV cache, (B, H, D) in q's dtype; the
-    arguments as swat_decode_reference's. The decode kernel on CUDA tensors (and on any under
-    TRITON_INTERPRET=1), the reference elsewhere."""
+def swat_decode(q, k, v, keys, values, slot, distance, visible, back_rotation, slopes, bias=0.0):
+    """Write the new token's key and value k, v (B, H, 1, D) into slot `slot` ((1,) long) of the
+    cache's keys and values (B, H, S, D), in place, then Eq. 5 for its query q (B, H, 1, D)
+    against the cache so written: (B, H, D) in q's dtype; the other arguments as
+    swat_decode_reference's. The decode kernel on CUDA tensors (and on any under
+    TRITON_INTERPRET=1), which does the write too; elsewhere the write, then the reference."""
     scale = q.shape[-1] ** -0.5
     if not (q.is_cuda or INTERPRET):
+        keys.index_copy_(2, slot, k.to(keys.dtype))
+        values.index_copy_(2, slot, v.to(values.dtype))
         return swat_decode_reference(q, keys, values, distance, visible, back_rotation, slopes,
                                      scale, bias).to(q.dtype)
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("keys and values must be contiguous in their last dimension: the "
+                         "kernel writes the new token into them in place")
     cos, sin = (None, None) if back_rotation is None else (x.contiguous() for x in back_rotation)
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    return torch.ops.nanoswat.swat_decode(q, keys.contiguous(), values.contiguous(), distance,
-                                          visible, cos, sin, slopes, scale, float(bias))
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return torch.ops.nanoswat.swat_decode(q, k, v, keys, values, slot, distance, visible, cos,
+                                          sin, slopes, scale, float(bias))
 
 
 def triton_key_function():

@@ -229,7 +229,8 @@ class KVCache:
         return distance, visible, (self.rope[0][at], -self.rope[1][at])
 
     def write(self, layer, k, v):
-        """Write the newest token's k, v (B, H, 1, D) into its slot (see next_token)."""
+        """Write the newest token's k, v (B, H, 1, D) into its slot (see next_token); for the
+        softmax baseline: the sigmoid's decode kernel writes them itself."""
         self.k[layer].index_copy_(2, self.next_slot, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(2, self.next_slot, v.to(self.v[layer].dtype))
 
@@ -344,15 +345,16 @@ class Attention(nn.Module):
         B, _, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, 1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        cache.write(layer, k, v)
         keys, values = cache.k[layer], cache.v[layer]                       # (B, H, S, D)
         if self.kind == 'sigmoid':
             # o = sum over the slots n of sigmoid(q . k_n / sqrt(D) + s_h * d_n + b) * v_n, d_n
             # the distance back to slot n's token, k_n rotated back by it: on a GPU one fused
-            # kernel per layer, elsewhere its reference (kernel.py)
-            y = swat_decode(q, keys, values, distance, visible, back_rotation, self.slopes,
-                            self.logit_bias)                                # (B, H, D)
+            # kernel per layer, which also writes k and v into their slot (cache.write's work),
+            # elsewhere the write and then the reference (kernel.py)
+            y = swat_decode(q, k, v, keys, values, cache.next_slot, distance, visible,
+                            back_rotation, self.slopes, self.logit_bias)   # (B, H, D)
         else:
+            cache.write(layer, k, v)
             if back_rotation is not None:   # rotate each key back by its distance to the query
                 keys = apply_rope(keys, *back_rotation)
             # One query against S keys is too small for a matmul to pay: as products and sums

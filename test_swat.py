@@ -397,17 +397,24 @@ DECODE_SHAPES = [(1, 2, 1, 16), (2, 3, 37, 32), (1, 2, 64, 64), (2, 2, 130, 128)
 def test_decode_kernel_is_eq5_for_one_query(B, H, S, D, dtype, rope):
     """The decode kernel (on a CPU in the interpreter) against Eq. 5 in float64 written with
     absolute positions: the query at position p rotated by p, each slot's key by its token's
-    position p - d, the weights of empty slots 0. The slots hold the distances in any order."""
+    position p - d, the weights of empty slots 0. The slots hold the distances in any order. The
+    new token's key and value are written into its slot (distance 0) first, in place, and
+    nothing else of the cache changes."""
     torch.manual_seed(0)
     p, scale, bias = 10 ** 6, D ** -0.5, -math.log(S + 1)
-    q, keys, values = (torch.randn(B, H, n, D).to(dtype).to(DEVICE) for n in (1, S, S))
+    q, k, v = (torch.randn(B, H, 1, D).to(dtype).to(DEVICE) for _ in range(3))
+    keys, values = (torch.randn(B, H, S, D).to(dtype).to(DEVICE) for _ in range(2))
     distance = torch.randperm(S, device=DEVICE)                 # slot -> distance back
     visible = (torch.rand(S, device=DEVICE) < 0.8) | (distance == 0)
+    slot = (distance == 0).nonzero()[0]                         # the new token's, (1,)
+    written_keys, written_values = keys.clone(), values.clone()
+    written_keys[:, :, slot], written_values[:, :, slot] = k, v
     slopes = random_slopes(H).to(dtype)                 # as a model converted to dtype holds them
     cos, sin = rope_cos_sin(distance, D, 10000.0)
-    out = swat_decode(q, keys, values, distance, visible, (cos, -sin) if rope else None, slopes,
-                      bias)
-    q, keys, values = (x.double() for x in (q, keys, values))
+    out = swat_decode(q, k, v, keys, values, slot, distance, visible,
+                      (cos, -sin) if rope else None, slopes, bias)
+    assert torch.equal(keys, written_keys) and torch.equal(values, written_values)
+    q, keys, values = (x.double() for x in (q, written_keys, written_values))
     if rope:
         q = apply_rope(q, *rope_cos_sin(torch.tensor([p], device=DEVICE), D, 10000.0,
                                         torch.float64))
