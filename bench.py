@@ -394,11 +394,10 @@ def swat_without_autograd(slopes, window):
     and the gradients of q, k and v."""
     outputs = {}
 
-    def operators(q, k, v, do):
+    def operators(q, k, v, do):             # what swat_attention's autograd Function calls
         scale = q.shape[-1] ** -0.5
-        out = kernel.swat_forward(q, k, v, slopes, window, scale, 0.0, torch.empty_like(q))
-        return out, *kernel.swat_backward(do, q, k, v, slopes, window, scale, 0.0,
-                                          *(torch.empty_like(q) for _ in range(3)))
+        out = kernel._forward_op(q, k, v, slopes, window, scale, 0.0)
+        return out, *kernel._backward_op(do, q, k, v, slopes, window, scale, 0.0)
 
     def launches(q, k, v, do):
         scale = q.shape[-1] ** -0.5
