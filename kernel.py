@@ -777,8 +777,9 @@ def swat_decode(q, k, v, keys, values, slot, distance, visible, back_rotation, s
         return swat_decode_reference(q, keys, values, distance, visible, back_rotation, slopes,
                                      scale, bias).to(q.dtype)
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
-        raise ValueError("keys and values must be contiguous in their last dimension: the "
-                         "kernel writes the new token into them in place")
+        raise ValueError(f"keys and values must have stride 1 in their last dimension (got "
+                         f"{keys.stride(-1)} and {values.stride(-1)}): the kernel writes the new "
+                         f"token into them in place, so pass the cache's own tensors, not copies")
     cos, sin = (None, None) if back_rotation is None else (x.contiguous() for x in back_rotation)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if k.stride() != v.stride():

@@ -425,6 +425,19 @@ def test_decode_kernel_is_eq5_for_one_query(B, H, S, D, dtype, rope):
     assert relative_error(out, expected) < TOLERANCE[dtype]
 
 
+@pytest.mark.skipif(not (GPU or kernel.INTERPRET), reason='the check is on the kernel path')
+def test_decode_refuses_a_cache_it_cannot_write_in_place():
+    """A cache whose last dimension is strided would be written through a copy and the write
+    lost: one line that says what to pass instead."""
+    q, k, v = (torch.randn(1, 2, 1, 16, device=DEVICE) for _ in range(3))
+    keys = torch.randn(1, 2, 16, 8, device=DEVICE).transpose(2, 3)     # (1, 2, 8, 16), stride 8
+    distance, visible = torch.arange(8, device=DEVICE), torch.ones(8, dtype=torch.bool,
+                                                                   device=DEVICE)
+    slot = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="stride 1 in their last dimension .* the cache's own"):
+        swat_decode(q, k, v, keys, keys.clone(), slot, distance, visible, None, random_slopes(2))
+
+
 def test_torch_compile_traces_the_attention_as_one_operator():
     """Eager code calls the kernels through an autograd.Function, torch.compile through the
     registered operator: one call of it in each traced graph, forward and backward, and the same
