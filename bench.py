@@ -17,10 +17,12 @@ The default, --mode=attention, times the six shapes (D, H) = (64, 12), (128, 8) 
 - inside a CUDA graph: each method's forward+backward recorded once as a CUDA graph and
   replayed, timed the same way: the GPU's time alone, the host's removed for every method
   alike. A method that cannot be recorded says why in its row.
-- host µs per call, at the first shape: the CPU time to queue one forward+backward, eager and
-  as one torch.compile'd function, host_calls calls timed while the GPU sleeps
-  (torch.cuda._sleep) so that none waits for it, the median of `repeats` times; and under
-  swat's eager call, its forward and backward without autograd, then their launches alone.
+- host µs per call, at the first shape: the CPU time to queue one forward+backward, eager,
+  eager with autograd's backward on the calling thread (torch.autograd.set_multithreading_
+  enabled(False); by default it runs on the engine's own thread for the GPU), and as one
+  torch.compile'd function, host_calls calls timed while the GPU sleeps (torch.cuda._sleep) so
+  that none waits for it, the median of `repeats` times; and under swat's eager call, its
+  forward and backward without autograd, then their launches alone.
 The ratio columns are each method's forward+backward ms over swat's, from the medians: the flex
 rows say how much faster swat is than Flex sigmoid and Flex softmax SWA. Then the length sweep:
 swat and SDPA, w = sweep_window, at each T of sweep_lengths.
@@ -409,7 +411,7 @@ def swat_without_autograd(slopes, window):
 
 
 HOST_HEADER = (f"{'method':<17} | {'eager host µs (min-max)':>24} | "
-               f"{'compiled host µs (min-max)':>26}")
+               f"{'backward here (min-max)':>24} | {'compiled host µs (min-max)':>26}")
 
 
 def host_cell(times):
@@ -420,9 +422,20 @@ def host_cell(times):
     return f"{median:.1f} ({fastest:.0f}-{slowest:.0f})"
 
 
-def host_row(name, eager_us, compiled_us):
+def host_row(name, eager_us, caller_us, compiled_us):
     """A row of the host table: each cell the µs of the repeats, None for none, or why none."""
-    return f"{name:<17} | {host_cell(eager_us):>24} | {host_cell(compiled_us):>26}"
+    return (f"{name:<17} | {host_cell(eager_us):>24} | {host_cell(caller_us):>24} | "
+            f"{host_cell(compiled_us):>26}")
+
+
+def on_calling_thread(call):
+    """call, with autograd's backward run on the thread that asks for it. By default a backward
+    of CUDA tensors runs on the engine's own thread for that GPU, and handing it there and back
+    costs the host a wake-up each way (RESULTS.md, section 1)."""
+    def here(*args):
+        with torch.autograd.set_multithreading_enabled(False):
+            return call(*args)
+    return here
 
 
 def host_table():
@@ -432,19 +445,24 @@ def host_table():
           f"timed while the GPU sleeps, so that none waits for it, the median of {repeats} "
           f"times; D = {D}, H = {H}, w = {w}\n"
           f"eager: each method as in the tables above (FlexAttention's call compiled alone, as it "
-          f"must be); compiled: its forward+backward in one torch.compile'd function; swat's "
-          f"layers below its eager call: without autograd, then its launches alone")
+          f"must be); backward here: the same with autograd's backward on the calling thread, not "
+          f"its engine's GPU thread; compiled: its forward+backward in one torch.compile'd "
+          f"function; swat's layers below its eager call: without autograd, then its launches "
+          f"alone")
     print_header(HOST_HEADER)
     compiled_forward_backward = torch.compile(forward_backward)
     do = torch.randn_like(q)
     for name, (fn, _) in methods.items():
         eager_us = or_reason('failed', host_us, forward_backward, fn, q, k, v, do)
+        caller_us = or_reason('failed', host_us, on_calling_thread(forward_backward), fn, q, k,
+                              v, do)
         compiled_us = or_reason('failed', host_us, compiled_forward_backward, fn, q, k, v, do)
-        print(host_row(name, eager_us, compiled_us))
+        print(host_row(name, eager_us, caller_us, compiled_us))
         if name == 'swat':
             slopes = alibi_slopes(H).cuda()
             for layer, call in swat_without_autograd(slopes, w).items():
-                print(host_row(layer, or_reason('failed', host_us, call, q, k, v, do), None))
+                print(host_row(layer, or_reason('failed', host_us, call, q, k, v, do), None,
+                               None))
     print()
 
 

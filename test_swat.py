@@ -3583,7 +3583,7 @@ def test_mean_std():
     assert mean == pytest.approx(0.4) and std == pytest.approx(0.2)
 
 
-def test_a_row_short_of_seeds_says_how_many(recall_settings, monkeypatch):
+def test_a_row_short_of_seeds_says_how_many(recall_settings, monkeypatch, tmp_path):
     """A reading with fewer finished seeds than its preset's is tabled with what it has, and its
     label says how many; the cells of a single seed are its accuracies, with no spread."""
     p, distances = dataclasses.replace(RECALL_TINY, seeds=(1, 2, 3)), [2, 4]
@@ -3598,6 +3598,7 @@ def test_a_row_short_of_seeds_says_how_many(recall_settings, monkeypatch):
     monkeypatch.setattr(recall, 'saved_scores', saved_scores)
     monkeypatch.setattr(recall, 'trainings', 'swa,swat')
     monkeypatch.setattr(recall, 'device', 'cpu')
+    monkeypatch.setattr(recall, 'out_root', str(tmp_path))     # no checkpoint of the user's
     accuracy, curves = recall.evaluate(p, distances)
     swat = 'SWAT: sigmoid, balanced ALiBi (1 of 3 seeds)'
     assert set(accuracy) == {'softmax SWA', 'softmax SWA + 4 sinks', swat}
@@ -4403,13 +4404,42 @@ def test_bench_host_time_is_taken_while_the_gpu_sleeps_and_says_when_it_woke(mon
 @slow                                           # importing bench sets up FlexAttention's compile
 def test_bench_host_row_has_a_cell_for_each_time_or_its_reason():
     import bench
-    row = bench.host_row('flex softmax', [123.456, 120.2, 130.7], [87.04, 86.6, 87.2])
+    row = bench.host_row('flex softmax', [123.456, 120.2, 130.7], [99.9, 98.2, 101.6],
+                         [87.04, 86.6, 87.2])
     assert bars(row) == bars(bench.HOST_HEADER)
     assert [cell.strip() for cell in row.split('|')] == [
-        'flex softmax', '123.5 (120-131)', '87.0 (87-87)']
-    assert bench.host_row('swat', [41.0], 'failed: backend compiler failed') == (
-        'swat              |             41.0 (41-41) | failed: backend compiler failed')
-    assert bench.host_row('swat, launches', [30.0], None).endswith('|                          -')
+        'flex softmax', '123.5 (120-131)', '99.9 (98-102)', '87.0 (87-87)']
+    assert bench.host_row('swat', [41.0], [30.0], 'failed: backend compiler failed') == (
+        'swat              |             41.0 (41-41) |             30.0 (30-30) | '
+        'failed: backend compiler failed')
+    assert bench.host_row('swat, launches', [30.0], None, None).endswith(
+        '|                        - |                          -')
+
+
+@pytest.mark.skipif(not GPU, reason="a CPU's backward runs on the calling thread anyway")
+def test_bench_runs_the_backward_on_the_calling_thread_when_asked():
+    """The host table's column 'backward here': autograd's backward of CUDA tensors, which runs
+    on the engine's own thread by default, runs on the thread that called for it."""
+    import bench
+    threads = []
+
+    class Recorded(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            threads.append(threading.get_ident())
+            return grad
+
+    def forward_backward(x):
+        return torch.autograd.grad(Recorded.apply(x), (x,), torch.ones_like(x))
+
+    x = torch.ones(4, device='cuda', requires_grad=True)
+    forward_backward(x)
+    bench.on_calling_thread(forward_backward)(x)
+    assert threads[0] != threading.get_ident() and threads[1] == threading.get_ident()
 
 
 @slow                                           # importing bench sets up FlexAttention's compile
