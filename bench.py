@@ -3,6 +3,7 @@ Times swat_attention next to the attention a user would otherwise reach for, on 
 
     python bench.py                      # the six shapes, then the length sweep
     python bench.py --sigmoid=exact --sweep_lengths=   # exact sigmoid, six shapes only
+    python bench.py --backward_thread=caller   # every backward on the calling thread
     python bench.py --mode=train         # training throughput of a GPT-2-small-sized model
     python bench.py --mode=loss          # the output layer and its cross-entropy alone
     python bench.py --mode=loss --loss_rows=8192 --loss_width=384 --loss_chunks=1024,2048,4096,8192
@@ -75,6 +76,9 @@ sweep_lengths = '1024,2048,4096,8192,16384,32768,65536'  # ... at these T; '' fo
 repeats = 3             # forward+backward ms and host µs: the median of this many timings,
                         # shown with their spread (min-max), so that the host's noise shows
 host_calls = 20         # forward+backward calls timed for the host's µs per call
+backward_thread = 'engine'  # where autograd runs each backward, for every method alike: 'engine',
+                            # its own thread for the GPU (PyTorch's default), or 'caller', the
+                            # thread that asks (torch.autograd.set_multithreading_enabled(False))
 mode = 'attention'      # 'attention': the kernel and its peers; 'train': whole training steps;
                         # 'loss': the output layer and its cross-entropy
 train_lengths = '4096,16384'  # --mode=train: the sequence lengths, comma-separated
@@ -89,7 +93,7 @@ loss_rows = 32768       # rows of the loss in --mode=loss ...
 loss_width = 768        # ... and their width C (train.py's default model: 8192 rows of 384)
 loss_chunks = '1024,2048,4096'  # chunk sizes of the chunked loss in --mode=loss
 SETTINGS = ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths', 'repeats',
-            'host_calls', 'mode',
+            'host_calls', 'backward_thread', 'mode',
             'train_lengths', 'train_window', 'train_tokens', 'train_compile', 'train_shape',
             'train_graph', 'train_profile', 'fused_loss',
             'loss_rows', 'loss_width', 'loss_chunks']
@@ -106,6 +110,8 @@ def apply_settings(args):
         raise SystemExit(f"mode={mode!r}: expected 'attention', 'train' or 'loss'")
     if train_compile not in ('blocks', 'model'):
         raise SystemExit(f"train_compile={train_compile!r}: expected 'blocks' or 'model'")
+    if backward_thread not in ('engine', 'caller'):
+        raise SystemExit(f"backward_thread={backward_thread!r}: expected 'engine' or 'caller'")
     if sigmoid not in ('fast', 'exact'):
         raise SystemExit(f"sigmoid={sigmoid!r}: expected 'fast' or 'exact'")
     for key in ('sweep_lengths', 'train_lengths'):     # ('' runs no sweep, trains nothing)
@@ -482,7 +488,8 @@ def main():
     if sigmoid == 'exact':
         kernel.FAST_SIGMOID = False
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"bfloat16, B*T = {tokens}, T = {seq_len}, sigmoid = {sigmoid}\n")
+          f"bfloat16, B*T = {tokens}, T = {seq_len}, sigmoid = {sigmoid}, the backward on "
+          f"the {'engine' if backward_thread == 'engine' else 'calling'} thread\n")
     launched_table()
     graph_table()
     host_table()
@@ -697,4 +704,5 @@ def loss_alone():
 if __name__ == '__main__':
     apply_settings(sys.argv[1:])
     swat.FUSED_LOSS = fused_loss
-    {'train': training_throughput, 'loss': loss_alone, 'attention': main}[mode]()
+    with torch.autograd.set_multithreading_enabled(backward_thread == 'engine'):
+        {'train': training_throughput, 'loss': loss_alone, 'attention': main}[mode]()

@@ -4276,6 +4276,7 @@ def test_bench_says_it_needs_a_gpu():
 @slow                                           # importing bench sets up FlexAttention's compile
 @pytest.mark.parametrize('arg, message', [
     ('--sigmoid=approx', "sigmoid='approx': expected 'fast' or 'exact'"),
+    ('--backward_thread=gpu', "backward_thread='gpu': expected 'engine' or 'caller'"),
     ('--sweep_lengths=1024,2k', "sweep_lengths='1024,2k': expected comma-separated lengths"),
     ('--train_lengths=0', "train_lengths='0': expected comma-separated lengths"),
     ('--tokens=1000', 'tokens=1000, seq_len=16384: expected tokens (B * T) a multiple of'),
