@@ -19,11 +19,11 @@ The default, --mode=attention, times the six shapes (D, H) = (64, 12), (128, 8) 
   replayed, timed the same way: the GPU's time alone, the host's removed for every method
   alike. A method that cannot be recorded says why in its row.
 - host µs per call, at the first shape: the CPU time to queue one forward+backward, eager,
-  eager with autograd's backward on the calling thread (torch.autograd.set_multithreading_
-  enabled(False); by default it runs on the engine's own thread for the GPU), and as one
-  torch.compile'd function, host_calls calls timed while the GPU sleeps (torch.cuda._sleep) so
-  that none waits for it, the median of `repeats` times; and under swat's eager call, its
-  forward and backward without autograd, then their launches alone.
+  eager with autograd's backward on the calling thread ('backward here': by default it runs on
+  the engine's own thread for the GPU), and as one torch.compile'd function, host_calls calls
+  timed while the GPU sleeps (torch.cuda._sleep) so that none waits for it, the median of
+  `repeats` times; and under swat's eager call, its forward and backward without autograd,
+  then their launches alone.
 The ratio columns are each method's forward+backward ms over swat's, from the medians: the flex
 rows say how much faster swat is than Flex sigmoid and Flex softmax SWA. Then the length sweep:
 swat and SDPA, w = sweep_window, at each T of sweep_lengths.
