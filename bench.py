@@ -488,8 +488,8 @@ def main():
     if sigmoid == 'exact':
         kernel.FAST_SIGMOID = False
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"bfloat16, B*T = {tokens}, T = {seq_len}, sigmoid = {sigmoid}, the backward on "
-          f"the {'engine' if backward_thread == 'engine' else 'calling'} thread\n")
+          f"bfloat16, B*T = {tokens}, T = {seq_len}, sigmoid = {sigmoid}, "
+          f"backward_thread = {backward_thread}\n")
     launched_table()
     graph_table()
     host_table()
