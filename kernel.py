@@ -16,7 +16,8 @@ This file holds two implementations of that one equation:
 - swat_attention_reference: plain PyTorch einsums, the readable definition, any device.
 - swat_attention: fused Triton kernels for the forward and backward pass.
 and the same two for generation's one new query per row against a KV cache:
-swat_decode_reference and swat_decode.
+swat_decode_reference and swat_decode; and token_linear, the linear layers of that step with
+the norm before and the GELU or residual add after each fused into one kernel.
 """
 
 import importlib
@@ -26,6 +27,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -500,6 +502,47 @@ def _decode_kernel(Q, Knew, Vnew, K, V, O, Slot, Distance, Visible, Cos, Sin, Sl
     tl.store(O + offs_d, acc.to(O.dtype.element_ty))
 
 
+# The linear layers of a decode step. Each one is a matrix of weights against a handful of rows,
+# and in PyTorch it is three or four launches: the RMSNorm before it, the matmul, the GELU or the
+# residual add after it, each ~2 µs of launch and one pass over the GPU for a few kilobytes of
+# work. Here one program takes BLOCK_N outputs of up to 64 rows, so that a batch's rows share
+# each load of the weights, and does all of it. The norm needs no pass of its own: RMSNorm scales
+# each row by one number, r = 1 / sqrt(mean(x^2) + eps), so norm(x) @ W^T = r * ((x * g) @ W^T),
+# and the program sums the squares of x in the same loop that multiplies it.
+
+@triton.jit
+def _token_linear_kernel(X, W, Gain, Residual, Y, R, N, K, eps, stride_xr, stride_wn, stride_rr,
+                         stride_yr, NORM: tl.constexpr, GELU: tl.constexpr,
+                         RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < K
+        x = tl.load(X + offs_r[:, None] * stride_xr + offs_k[None, :],
+                    mask=(offs_r[:, None] < R) & in_k[None, :], other=0.0)
+        w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :],
+                    mask=(offs_n[:, None] < N) & in_k[None, :], other=0.0)
+        if NORM:
+            x = x.to(tl.float32)
+            squares += tl.sum(x * x, 1)
+            x = x * tl.load(Gain + offs_k, mask=in_k, other=0.0).to(tl.float32)[None, :]
+        acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if NORM:
+        acc = acc * tl.rsqrt(squares / K + eps)[:, None]
+    if GELU:                                # the exact GELU, F.gelu's default
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    in_out = (offs_r[:, None] < R) & (offs_n[None, :] < N)
+    if RESIDUAL:
+        acc += tl.load(Residual + offs_r[:, None] * stride_rr + offs_n[None, :], mask=in_out,
+                       other=0.0).to(tl.float32)
+    tl.store(Y + offs_r[:, None] * stride_yr + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=in_out)
+
+
 # -----------------------------------------------------------------------------
 # Launchers. Each kernel has one small configuration and a list of fast ones, each written
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The small one runs under the interpreter (its
@@ -641,6 +684,25 @@ def swat_decode_forward(q, k, v, keys, values, slot, distance, visible, cos, sin
     return out
 
 
+def token_linear_forward(x, weight, gain, eps, gelu, residual, out):
+    """Write residual + gelu(rms_norm(x) @ weight^T) into out (R, N) for x (R, K) and weight
+    (N, K) of one dtype; gain: RMSNorm's weight (K,), or None for no norm; residual (R, N) or
+    None. Launches the kernel: a column of programs per BLOCK_R rows, BLOCK_N outputs each, with
+    BLOCK_N grown with N so that a wide layer (the output layer's 50,304) is not tens of
+    thousands of tiny programs."""
+    R, K = x.shape
+    N = weight.shape[0]
+    block_r = min(64, max(16, triton.next_power_of_2(R)))   # tl.dot takes 16 rows at least
+    block_n = min(64, max(16, triton.next_power_of_2(N // 512)))
+    norm, add = gain is not None, residual is not None
+    _token_linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(R, block_r))](
+        x, weight, gain if norm else weight, residual if add else out, out, R, N, K, eps,
+        x.stride(0), weight.stride(0), residual.stride(0) if add else 0, out.stride(0),
+        NORM=norm, GELU=gelu, RESIDUAL=add, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=128,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=4, num_stages=3)
+    return out
+
+
 # Registered as PyTorch operators so that torch.compile sees one opaque, differentiable call
 # instead of breaking its graph at the Triton launch. They are defined through
 # torch.library.Library: torch.library.custom_op builds the same operator with about 0.3 ms more
@@ -654,6 +716,8 @@ _library.define('swat_attention_backward(Tensor do, Tensor q, Tensor k, Tensor v
 _library.define('swat_decode(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, '
                 'Tensor slot, Tensor distance, Tensor visible, Tensor? cos, Tensor? sin, '
                 'Tensor slopes, float scale, float bias) -> Tensor')
+_library.define('token_linear(Tensor x, Tensor weight, Tensor? gain, float eps, bool gelu, '
+                'Tensor? residual) -> Tensor')
 
 
 def _empty_like(x):
@@ -692,6 +756,25 @@ def _fake_decode(q, k, v, keys, values, slot, distance, visible, cos, sin, slope
     return _decode_output(q)
 
 
+def _token_linear_output(x, weight):
+    # x (..., K) -> (..., N), contiguous: the real operator and its fake, as _empty_like
+    return torch.empty(x.shape[:-1] + weight.shape[:1], dtype=x.dtype, device=x.device)
+
+
+def _token_linear_op(x, weight, gain, eps, gelu, residual):
+    """nanoswat::token_linear itself: the rows of x (..., K) through the kernel, (..., N)."""
+    out = _token_linear_output(x, weight)
+    rows = lambda t: t.reshape(-1, t.size(-1))              # views: the inputs are contiguous
+    token_linear_forward(rows(x), weight, gain, eps, gelu,
+                         None if residual is None else rows(residual), rows(out))
+    return out
+
+
+def _fake_token_linear(x, weight, gain, eps, gelu, residual):
+    """What torch.compile traces a decode step's linear layer with: its output, no kernel."""
+    return _token_linear_output(x, weight)
+
+
 def _fake_forward(q, k, v, slopes, window, scale, bias):
     """What torch.compile traces the forward with: an output of the right shape, no kernel."""
     return _empty_like(q)
@@ -728,6 +811,8 @@ torch.library.register_fake('nanoswat::swat_attention', _fake_forward)
 torch.library.register_fake('nanoswat::swat_attention_backward', _fake_backward)
 _library.impl('swat_decode', _decode_op, 'CompositeExplicitAutograd')
 torch.library.register_fake('nanoswat::swat_decode', _fake_decode)
+_library.impl('token_linear', _token_linear_op, 'CompositeExplicitAutograd')
+torch.library.register_fake('nanoswat::token_linear', _fake_token_linear)
 torch.library.register_autograd('nanoswat::swat_attention', _autograd_backward,
                                 setup_context=_setup_backward)
 
@@ -786,6 +871,21 @@ def swat_decode(q, k, v, keys, values, slot, distance, visible, back_rotation, s
         k, v = k.contiguous(), v.contiguous()
     return torch.ops.nanoswat.swat_decode(q, k, v, keys, values, slot, distance, visible, cos,
                                           sin, slopes, scale, float(bias))
+
+
+def token_linear(x, linear, norm=None, gelu=False, residual=None):
+    """residual + gelu(linear(norm(x))), each part optional: one linear layer of a decode step,
+    x (B, 1, K) -> (B, 1, N), linear an nn.Linear without a bias, norm an nn.RMSNorm with a
+    weight. On CUDA tensors one kernel does it all (above); elsewhere, and for weights of
+    another dtype than x, the modules themselves."""
+    if not (x.is_cuda and x.dtype == linear.weight.dtype):
+        y = linear(x if norm is None else norm(x))
+        y = F.gelu(y) if gelu else y
+        return y if residual is None else residual + y
+    gain, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps          # as nn.RMSNorm's default
+    return torch.ops.nanoswat.token_linear(x.contiguous(), linear.weight, gain, eps, gelu,
+                                           None if residual is None else residual.contiguous())
 
 
 def triton_key_function():

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernel import (attended_pairs, check_head_size, is_int, is_number, query_chunks,
-                    swat_attention, swat_decode, window_bias)
+                    swat_attention, swat_decode, token_linear, window_bias)
 from runtime import peak_bf16_flops
 
 ATTENTION_KINDS = ('sigmoid', 'softmax')
@@ -338,12 +338,12 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def decode(self, x, cache, layer, distance, visible, back_rotation):
-        """The attention of one new token per row, x (B, 1, C), to the cache's layer, itself
-        included, written out as Eq. 5: distance, visible and back_rotation come from
-        cache.next_token()."""
-        B, _, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
+    def decode(self, qkv, cache, layer, distance, visible, back_rotation):
+        """The attention of one new token per row to the cache's layer, itself included, written
+        out as Eq. 5: qkv (B, 1, 3C), its c_attn output, -> (B, 1, C), before c_proj (Block.decode
+        applies both); distance, visible and back_rotation come from cache.next_token()."""
+        B, C = qkv.size(0), qkv.size(2) // 3
+        q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, 1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         keys, values = cache.k[layer], cache.v[layer]                       # (B, H, S, D)
         if self.kind == 'sigmoid':
@@ -364,8 +364,7 @@ class Attention(nn.Module):
             bias = self.slopes.float()[:, None] * distance                  # s_h * (m - n)
             weights = F.softmax(logits + bias.masked_fill(~visible, float('-inf')), dim=-1)
             y = (weights[..., None] * values.float()).sum(-2)               # (B, H, D)
-        y = y.reshape(B, 1, C)
-        return self.resid_dropout(self.c_proj(y.to(x.dtype)))
+        return y.reshape(B, 1, C).to(qkv.dtype)
 
 
 class MLP(nn.Module):
@@ -395,9 +394,15 @@ class Block(nn.Module):
         return x
 
     def decode(self, x, cache, layer, distance, visible, back_rotation):
-        x = x + self.attn.decode(self.ln_1(x), cache, layer, distance, visible, back_rotation)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        """forward for one new token per row, x (B, 1, C), against the cache. Each linear layer
+        goes with the norm before it or the GELU and the residual add after it into one call of
+        token_linear: on a GPU one kernel where the separate operations were three or four
+        launches of a few µs each, the time of a decode step (RESULTS.md, section 5)."""
+        qkv = token_linear(x, self.attn.c_attn, norm=self.ln_1)                 # (B, 1, 3C)
+        y = self.attn.decode(qkv, cache, layer, distance, visible, back_rotation)
+        x = token_linear(y, self.attn.c_proj, residual=x)          # x + attn(ln_1(x))
+        h = token_linear(x, self.mlp.c_fc, norm=self.ln_2, gelu=True)           # (B, 1, 4C)
+        return token_linear(h, self.mlp.c_proj, residual=x)        # x + mlp(ln_2(x))
 
 
 # -----------------------------------------------------------------------------
@@ -753,13 +758,14 @@ class SWAT(nn.Module):
 
     def decode(self, token, cache):
         """Read one token per row, token (B, 1), at the cache's position; return the logits of
-        the next one (B, V). The same shapes and buffers every time: see generate_tokens."""
+        the next one (B, V). The same shapes and buffers every time: see generate_tokens. As
+        evaluation reads the model, without dropout, whatever model.training says."""
         distance, visible, back_rotation = cache.next_token()   # one table for every layer
-        x = self.transformer.drop(self.transformer.wte(token))        # (B, 1, C)
+        x = self.transformer.wte(token)                                 # (B, 1, C)
         for layer, block in enumerate(self.transformer.h):
             x = block.decode(x, cache, layer, distance, visible, back_rotation)
         cache.position += 1
-        return self.lm_head(self.transformer.ln_f(x))[:, -1]
+        return token_linear(x, self.lm_head, norm=self.transformer.ln_f)[:, -1]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, sink_tokens=0):

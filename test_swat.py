@@ -438,6 +438,66 @@ def test_decode_refuses_a_cache_it_cannot_write_in_place():
         swat_decode(q, k, v, keys, keys.clone(), slot, distance, visible, None, random_slopes(2))
 
 
+# (rows, N, K): below one tile of rows (16), across one and beyond 64 (a second column of
+# programs); N and K cut inside a block; on a GPU the default model's four linear layers and its
+# output layer at batch 8
+TOKEN_LINEAR_SHAPES = [(1, 40, 24), (3, 130, 200), (17, 16, 128), (70, 33, 40)] + (
+    [(8, 1152, 384), (8, 384, 384), (8, 1536, 384), (8, 384, 1536), (8, 50304, 384)] if GPU else [])
+
+
+@pytest.mark.skipif(not (GPU or kernel.INTERPRET), reason='the kernel itself')
+@pytest.mark.parametrize('norm, gelu, residual', [(True, False, False), (False, False, True),
+                                                  (True, True, False), (False, False, False),
+                                                  (True, True, True)],
+                         ids=['norm', 'add', 'norm-gelu', 'plain', 'all'])
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+@pytest.mark.parametrize('R, N, K', TOKEN_LINEAR_SHAPES)
+def test_token_linear_kernel_is_norm_matmul_gelu_and_add(R, N, K, dtype, norm, gelu, residual):
+    """The decode step's linear-layer kernel (on a CPU in the interpreter) against float64:
+    residual + gelu(x / sqrt(mean(x^2) + eps) * g @ W^T), for rows of x small enough that eps
+    weighs (eps as torch.nn.RMSNorm's default for the dtype) and rows of ordinary size."""
+    torch.manual_seed(0)
+    scales = torch.where(torch.arange(R) % 2 == 0, 0.05, 1.0)[:, None, None]     # (R, 1, 1)
+    x = (torch.randn(R, 1, K) * scales).to(dtype).to(DEVICE)
+    weight = (torch.randn(N, K) * K ** -0.5).to(dtype).to(DEVICE)
+    gain = (1 + 0.1 * torch.randn(K)).to(dtype).to(DEVICE) if norm else None
+    add = torch.randn(R, 1, N).to(dtype).to(DEVICE) if residual else None
+    eps = torch.finfo(dtype).eps
+    out = torch.ops.nanoswat.token_linear(x, weight, gain, eps, gelu, add)
+    expected = x.double()
+    if norm:
+        expected = expected * torch.rsqrt(expected.pow(2).mean(-1, keepdim=True) + eps) \
+            * gain.double()
+    expected = expected @ weight.double().t()
+    expected = F.gelu(expected) if gelu else expected
+    expected = expected if add is None else expected + add.double()
+    assert out.shape == (R, 1, N) and out.dtype == dtype
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@needs_gpu
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+def test_token_linear_on_a_gpu_is_the_modules(dtype):
+    """token_linear with the model's modules: on a GPU the kernel gives what the modules give
+    (nn.RMSNorm with its default eps, the dtype's, nn.Linear, F.gelu, the add), to the dtype's
+    rounding; under autocast, with float32 weights for 16-bit rows, it is the modules."""
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(64).cuda().to(dtype)
+    linear = torch.nn.Linear(64, 96, bias=False).cuda().to(dtype)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    x = (torch.randn(5, 1, 64, device='cuda') * 0.05).to(dtype)      # eps weighs in the norm
+    add = torch.randn(5, 1, 96, device='cuda').to(dtype)
+    with torch.no_grad():
+        out = kernel.token_linear(x, linear, norm=norm, gelu=True, residual=add)
+        normed = F.rms_norm(x.double(), (64,), norm.weight.double(), torch.finfo(dtype).eps)
+        expected = add.double() + F.gelu(normed @ linear.weight.double().t())
+        assert out.dtype == dtype and relative_error(out, expected) < TOLERANCE[dtype]
+        wide = torch.nn.Linear(64, 96, bias=False).cuda()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            rows = x.to(torch.bfloat16)
+            assert torch.equal(kernel.token_linear(rows, wide), wide(rows))
+
+
 def test_torch_compile_traces_the_attention_as_one_operator():
     """Eager code calls the kernels through an autograd.Function, torch.compile through the
     registered operator: one call of it in each traced graph, forward and backward, and the same
