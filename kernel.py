@@ -508,13 +508,17 @@ def _decode_kernel(Q, Knew, Vnew, K, V, O, Slot, Distance, Visible, Cos, Sin, Sl
 # work. Here one program takes BLOCK_N outputs of up to 64 rows, so that a batch's rows share
 # each load of the weights, and does all of it. The norm needs no pass of its own: RMSNorm scales
 # each row by one number, r = 1 / sqrt(mean(x^2) + eps), so norm(x) @ W^T = r * ((x * g) @ W^T),
-# and the program sums the squares of x in the same loop that multiplies it.
+# and the program sums the squares of x in the same loop that multiplies it. Below 16 rows,
+# tl.dot's least, the tensor cores would mostly multiply padding: there the products are plain
+# float32 ones, and a program takes 1-4 outputs over the whole depth at once, so that a layer of
+# a few hundred outputs is a hundred programs or more, each one load of its weights.
 
 @triton.jit
 def _token_linear_kernel(X, W, Gain, Residual, Y, R, N, K, eps, stride_xr, stride_wn, stride_rr,
                          stride_yr, NORM: tl.constexpr, GELU: tl.constexpr,
                          RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -530,7 +534,10 @@ def _token_linear_kernel(X, W, Gain, Residual, Y, R, N, K, eps, stride_xr, strid
             x = x.to(tl.float32)
             squares += tl.sum(x * x, 1)
             x = x * tl.load(Gain + offs_k, mask=in_k, other=0.0).to(tl.float32)[None, :]
-        acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if TENSOR_CORES:
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
     if NORM:
         acc = acc * tl.rsqrt(squares / K + eps)[:, None]
     if GELU:                                # the exact GELU, F.gelu's default
@@ -687,19 +694,26 @@ def swat_decode_forward(q, k, v, keys, values, slot, distance, visible, cos, sin
 def token_linear_forward(x, weight, gain, eps, gelu, residual, out):
     """Write residual + gelu(rms_norm(x) @ weight^T) into out (R, N) for x (R, K) and weight
     (N, K) of one dtype; gain: RMSNorm's weight (K,), or None for no norm; residual (R, N) or
-    None. Launches the kernel: a column of programs per BLOCK_R rows, BLOCK_N outputs each, with
-    BLOCK_N grown with N so that a wide layer (the output layer's 50,304) is not tens of
-    thousands of tiny programs."""
+    None. Launches the kernel: a column of programs per BLOCK_R rows, BLOCK_N outputs each. The
+    blocks are the fastest of those timed for the default model's layers at 1, 8 and 64 rows on
+    an H200 (RESULTS.md, section 5)."""
     R, K = x.shape
     N = weight.shape[0]
-    block_r = min(64, max(16, triton.next_power_of_2(R)))   # tl.dot takes 16 rows at least
-    block_n = min(64, max(16, triton.next_power_of_2(N // 512)))
+    tensor_cores = R > 4
+    if tensor_cores:
+        block_r, block_n = min(64, max(16, triton.next_power_of_2(R))), 16
+        block_k, stages = (256, 1) if K <= 512 else (128, 3)
+    else:
+        block_r, stages = triton.next_power_of_2(R), 1
+        block_k = min(2048, triton.next_power_of_2(K))
+        block_n = min(4, max(1, 4096 // (block_r * block_k)))
     norm, add = gain is not None, residual is not None
     _token_linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(R, block_r))](
         x, weight, gain if norm else weight, residual if add else out, out, R, N, K, eps,
         x.stride(0), weight.stride(0), residual.stride(0) if add else 0, out.stride(0),
-        NORM=norm, GELU=gelu, RESIDUAL=add, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=128,
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=4, num_stages=3)
+        NORM=norm, GELU=gelu, RESIDUAL=add, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k,
+        TENSOR_CORES=tensor_cores, DOT_PRECISION=_dot_precision(x.dtype), num_warps=4,
+        num_stages=stages)
     return out
 
 

@@ -438,11 +438,12 @@ def test_decode_refuses_a_cache_it_cannot_write_in_place():
         swat_decode(q, k, v, keys, keys.clone(), slot, distance, visible, None, random_slopes(2))
 
 
-# (rows, N, K): below one tile of rows (16), across one and beyond 64 (a second column of
-# programs); N and K cut inside a block; on a GPU the default model's four linear layers and its
-# output layer at batch 8
-TOKEN_LINEAR_SHAPES = [(1, 40, 24), (3, 130, 200), (17, 16, 128), (70, 33, 40)] + (
-    [(8, 1152, 384), (8, 384, 384), (8, 1536, 384), (8, 384, 1536), (8, 50304, 384)] if GPU else [])
+# (rows, N, K): a few rows (products in float32), deeper than one block of those (2048); 16 rows
+# or more (the tensor cores), deeper than 512, beyond 64 (a second column of programs); N and K
+# cut inside a block; on a GPU the default model's four linear layers at batch 1, 3 and 8
+TOKEN_LINEAR_SHAPES = [(1, 40, 24), (3, 130, 200), (2, 9, 2100), (5, 24, 600), (17, 16, 128),
+                       (70, 33, 40)] + (
+    [(1, 1152, 384), (3, 384, 1536), (8, 384, 384), (8, 1536, 384)] if GPU else [])
 
 
 @pytest.mark.skipif(not (GPU or kernel.INTERPRET), reason='the kernel itself')
