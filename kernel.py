@@ -502,23 +502,22 @@ def _decode_kernel(Q, Knew, Vnew, K, V, O, Slot, Distance, Visible, Cos, Sin, Sl
     tl.store(O + offs_d, acc.to(O.dtype.element_ty))
 
 
-# The linear layers of a decode step. Each one is a matrix of weights against a handful of rows,
-# and in PyTorch it is three or four launches: the RMSNorm before it, the matmul, the GELU or the
-# residual add after it, each ~2 µs of launch and one pass over the GPU for a few kilobytes of
-# work. Here one program takes BLOCK_N outputs of up to 64 rows, so that a batch's rows share
-# each load of the weights, and does all of it. The norm needs no pass of its own: RMSNorm scales
-# each row by one number, r = 1 / sqrt(mean(x^2) + eps), so norm(x) @ W^T = r * ((x * g) @ W^T),
-# and the program sums the squares of x in the same loop that multiplies it. Below 16 rows,
-# tl.dot's least, the tensor cores would mostly multiply padding: there the products are plain
-# float32 ones, and a program takes 1-4 outputs over the whole depth at once, so that a layer of
-# a few hundred outputs is a hundred programs or more, each one load of its weights.
+# The linear layers of a decode step with a few rows. Each one is a matrix of weights against a
+# handful of rows, and in PyTorch it is three or four launches: the RMSNorm before it, the
+# matmul, the GELU or the residual add after it, each ~2 µs of launch and one pass over the GPU
+# for a few kilobytes of work. Here one program takes BLOCK_N outputs (1-4) of up to 4 rows over
+# the whole depth, at most 2048 at a time, and does all of it: a layer of a few hundred outputs
+# is a hundred programs or more, each one load of its weights. The rows are too few for the
+# tensor cores (tl.dot takes 16 at least): the products are plain float32 ones. The norm needs
+# no pass of its own: RMSNorm scales each row by one number, r = 1 / sqrt(mean(x^2) + eps), so
+# norm(x) @ W^T = r * ((x * g) @ W^T), and the program sums the squares of x in the same loop
+# that multiplies it.
 
 @triton.jit
 def _token_linear_kernel(X, W, Gain, Residual, Y, R, N, K, eps, stride_xr, stride_wn, stride_rr,
                          stride_yr, NORM: tl.constexpr, GELU: tl.constexpr,
                          RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         BLOCK_K: tl.constexpr):
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -527,17 +526,13 @@ def _token_linear_kernel(X, W, Gain, Residual, Y, R, N, K, eps, stride_xr, strid
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < K
         x = tl.load(X + offs_r[:, None] * stride_xr + offs_k[None, :],
-                    mask=(offs_r[:, None] < R) & in_k[None, :], other=0.0)
+                    mask=(offs_r[:, None] < R) & in_k[None, :], other=0.0).to(tl.float32)
         w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :],
-                    mask=(offs_n[:, None] < N) & in_k[None, :], other=0.0)
+                    mask=(offs_n[:, None] < N) & in_k[None, :], other=0.0).to(tl.float32)
         if NORM:
-            x = x.to(tl.float32)
             squares += tl.sum(x * x, 1)
             x = x * tl.load(Gain + offs_k, mask=in_k, other=0.0).to(tl.float32)[None, :]
-        if TENSOR_CORES:
-            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], 2)     # (BLOCK_R, BLOCK_N)
     if NORM:
         acc = acc * tl.rsqrt(squares / K + eps)[:, None]
     if GELU:                                # the exact GELU, F.gelu's default
@@ -694,26 +689,20 @@ def swat_decode_forward(q, k, v, keys, values, slot, distance, visible, cos, sin
 def token_linear_forward(x, weight, gain, eps, gelu, residual, out):
     """Write residual + gelu(rms_norm(x) @ weight^T) into out (R, N) for x (R, K) and weight
     (N, K) of one dtype; gain: RMSNorm's weight (K,), or None for no norm; residual (R, N) or
-    None. Launches the kernel: a column of programs per BLOCK_R rows, BLOCK_N outputs each. The
-    blocks are the fastest of those timed for the default model's layers at 1, 8 and 64 rows on
-    an H200 (RESULTS.md, section 5)."""
+    None. Launches the kernel: a column of programs per 4 rows (any number of rows works, made
+    for a few), BLOCK_N outputs each: the fastest of the blocks timed for the default model's
+    layers at one row on an H200, 4 outputs for a depth of 384 and 2 for 1,536 (RESULTS.md,
+    section 5), kept to ~4,096 products a program for more rows or a greater depth."""
     R, K = x.shape
     N = weight.shape[0]
-    tensor_cores = R > 4
-    if tensor_cores:
-        block_r, block_n = min(64, max(16, triton.next_power_of_2(R))), 16
-        block_k, stages = (256, 1) if K <= 512 else (128, 3)
-    else:
-        block_r, stages = triton.next_power_of_2(R), 1
-        block_k = min(2048, triton.next_power_of_2(K))
-        block_n = min(4, max(1, 4096 // (block_r * block_k)))
+    block_r, block_k = min(4, triton.next_power_of_2(R)), min(2048, triton.next_power_of_2(K))
+    block_n = min(4, max(1, 4096 // (block_r * block_k)))
     norm, add = gain is not None, residual is not None
     _token_linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(R, block_r))](
         x, weight, gain if norm else weight, residual if add else out, out, R, N, K, eps,
         x.stride(0), weight.stride(0), residual.stride(0) if add else 0, out.stride(0),
         NORM=norm, GELU=gelu, RESIDUAL=add, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k,
-        TENSOR_CORES=tensor_cores, DOT_PRECISION=_dot_precision(x.dtype), num_warps=4,
-        num_stages=stages)
+        num_warps=4, num_stages=1)
     return out
 
 
@@ -887,12 +876,18 @@ def swat_decode(q, k, v, keys, values, slot, distance, visible, back_rotation, s
                                           sin, slopes, scale, float(bias))
 
 
+TOKEN_LINEAR_ROWS = 4  # at most this many rows go through the kernel; more, through the modules
+
+
 def token_linear(x, linear, norm=None, gelu=False, residual=None):
     """residual + gelu(linear(norm(x))), each part optional: one linear layer of a decode step,
     x (B, 1, K) -> (B, 1, N), linear an nn.Linear without a bias, norm an nn.RMSNorm with a
-    weight. On CUDA tensors one kernel does it all (above); elsewhere, and for weights of
-    another dtype than x, the modules themselves."""
-    if not (x.is_cuda and x.dtype == linear.weight.dtype):
+    weight. For CUDA tensors of at most TOKEN_LINEAR_ROWS rows one kernel does it all (above);
+    otherwise, and for weights of another dtype than x, the modules themselves: at 8 and 64
+    rows on an H200 the decode step was faster with cuBLAS's matmuls (and, compiled, the norms
+    fused with the adds) than with a tensor-core version of the kernel (RESULTS.md, section 5)."""
+    rows = x.numel() // x.size(-1)
+    if not (x.is_cuda and x.dtype == linear.weight.dtype and rows <= TOKEN_LINEAR_ROWS):
         y = linear(x if norm is None else norm(x))
         y = F.gelu(y) if gelu else y
         return y if residual is None else residual + y

@@ -438,12 +438,11 @@ def test_decode_refuses_a_cache_it_cannot_write_in_place():
         swat_decode(q, k, v, keys, keys.clone(), slot, distance, visible, None, random_slopes(2))
 
 
-# (rows, N, K): a few rows (products in float32), deeper than one block of those (2048); 16 rows
-# or more (the tensor cores), deeper than 512, beyond 64 (a second column of programs); N and K
-# cut inside a block; on a GPU the default model's four linear layers at batch 1, 3 and 8
-TOKEN_LINEAR_SHAPES = [(1, 40, 24), (3, 130, 200), (2, 9, 2100), (5, 24, 600), (17, 16, 128),
-                       (70, 33, 40)] + (
-    [(1, 1152, 384), (3, 384, 1536), (8, 384, 384), (8, 1536, 384)] if GPU else [])
+# (rows, N, K): up to a block of rows (4), a depth beyond one block (2048), more rows than a
+# block (further columns of programs, the last one cut); N and K cut inside a block; on a GPU
+# the default model's four linear layers at batch 1, 3 and 4
+TOKEN_LINEAR_SHAPES = [(1, 40, 24), (3, 130, 200), (2, 9, 2100), (4, 24, 600), (9, 33, 40)] + (
+    [(1, 1152, 384), (3, 384, 1536), (4, 384, 384), (4, 1536, 384)] if GPU else [])
 
 
 @pytest.mark.skipif(not (GPU or kernel.INTERPRET), reason='the kernel itself')
@@ -479,20 +478,24 @@ def test_token_linear_kernel_is_norm_matmul_gelu_and_add(R, N, K, dtype, norm, g
 @needs_gpu
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
 def test_token_linear_on_a_gpu_is_the_modules(dtype):
-    """token_linear with the model's modules: on a GPU the kernel gives what the modules give
-    (nn.RMSNorm with its default eps, the dtype's, nn.Linear, F.gelu, the add), to the dtype's
-    rounding; under autocast, with float32 weights for 16-bit rows, it is the modules."""
+    """token_linear with the model's modules: on a GPU, for up to TOKEN_LINEAR_ROWS rows, the
+    kernel gives what the modules give (nn.RMSNorm with its default eps, the dtype's, nn.Linear,
+    F.gelu, the add), to the dtype's rounding; for more rows, and under autocast with float32
+    weights for 16-bit rows, it is the modules."""
     torch.manual_seed(0)
     norm = torch.nn.RMSNorm(64).cuda().to(dtype)
     linear = torch.nn.Linear(64, 96, bias=False).cuda().to(dtype)
     torch.nn.init.normal_(norm.weight, 1.0, 0.1)
-    x = (torch.randn(5, 1, 64, device='cuda') * 0.05).to(dtype)      # eps weighs in the norm
-    add = torch.randn(5, 1, 96, device='cuda').to(dtype)
+    rows = kernel.TOKEN_LINEAR_ROWS
+    x = (torch.randn(rows + 1, 1, 64, device='cuda') * 0.05).to(dtype)     # eps weighs in the norm
+    add = torch.randn(rows + 1, 1, 96, device='cuda').to(dtype)
     with torch.no_grad():
-        out = kernel.token_linear(x, linear, norm=norm, gelu=True, residual=add)
-        normed = F.rms_norm(x.double(), (64,), norm.weight.double(), torch.finfo(dtype).eps)
-        expected = add.double() + F.gelu(normed @ linear.weight.double().t())
+        out = kernel.token_linear(x[:rows], linear, norm=norm, gelu=True, residual=add[:rows])
+        normed = F.rms_norm(x[:rows].double(), (64,), norm.weight.double(), torch.finfo(dtype).eps)
+        expected = add[:rows].double() + F.gelu(normed @ linear.weight.double().t())
         assert out.dtype == dtype and relative_error(out, expected) < TOLERANCE[dtype]
+        assert torch.equal(kernel.token_linear(x, linear, norm=norm, gelu=True, residual=add),
+                           add + F.gelu(linear(norm(x))))
         wide = torch.nn.Linear(64, 96, bias=False).cuda()
         with torch.autocast('cuda', dtype=torch.bfloat16):
             rows = x.to(torch.bfloat16)
