@@ -438,24 +438,27 @@ def test_decode_refuses_a_cache_it_cannot_write_in_place():
         swat_decode(q, k, v, keys, keys.clone(), slot, distance, visible, None, random_slopes(2))
 
 
-# (rows, N, K): up to a block of rows (4), a depth beyond one block (2048), more rows than a
-# block (further columns of programs, the last one cut); N and K cut inside a block; on a GPU
-# the default model's four linear layers at batch 1, 3 and 4
-TOKEN_LINEAR_SHAPES = [(1, 40, 24), (3, 130, 200), (2, 9, 2100), (4, 24, 600), (9, 33, 40)] + (
-    [(1, 1152, 384), (3, 384, 1536), (4, 384, 384), (4, 1536, 384)] if GPU else [])
+# (rows, N, K) and what the layer adds to its matmul: up to a block of rows (4), a depth beyond
+# one block (2048), more rows than a block (further columns of programs, the last one cut); N
+# and K cut inside a block; on a GPU the default model's four linear layers at batch 1, 3 and 4.
+# Each case is one compile of the kernel per dtype on a GPU, so each shape takes one variant.
+TOKEN_LINEAR_CASES = [((1, 40, 24), 'norm'), ((3, 130, 200), 'norm-gelu'), ((2, 9, 2100), 'add'),
+                      ((4, 24, 600), 'all'), ((9, 33, 40), 'plain'), ((9, 33, 40), 'norm')] + (
+    [((1, 1152, 384), 'norm'), ((3, 384, 1536), 'add'), ((4, 384, 384), 'add'),
+     ((4, 1536, 384), 'norm-gelu')] if GPU else [])
+TOKEN_LINEAR_PARTS = {'norm': (True, False, False), 'add': (False, False, True),
+                      'norm-gelu': (True, True, False), 'plain': (False, False, False),
+                      'all': (True, True, True)}          # norm, gelu, residual
 
 
 @pytest.mark.skipif(not (GPU or kernel.INTERPRET), reason='the kernel itself')
-@pytest.mark.parametrize('norm, gelu, residual', [(True, False, False), (False, False, True),
-                                                  (True, True, False), (False, False, False),
-                                                  (True, True, True)],
-                         ids=['norm', 'add', 'norm-gelu', 'plain', 'all'])
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
-@pytest.mark.parametrize('R, N, K', TOKEN_LINEAR_SHAPES)
-def test_token_linear_kernel_is_norm_matmul_gelu_and_add(R, N, K, dtype, norm, gelu, residual):
+@pytest.mark.parametrize('shape, parts', TOKEN_LINEAR_CASES)
+def test_token_linear_kernel_is_norm_matmul_gelu_and_add(shape, parts, dtype):
     """The decode step's linear-layer kernel (on a CPU in the interpreter) against float64:
     residual + gelu(x / sqrt(mean(x^2) + eps) * g @ W^T), for rows of x small enough that eps
     weighs (eps as torch.nn.RMSNorm's default for the dtype) and rows of ordinary size."""
+    (R, N, K), (norm, gelu, residual) = shape, TOKEN_LINEAR_PARTS[parts]
     torch.manual_seed(0)
     scales = torch.where(torch.arange(R) % 2 == 0, 0.05, 1.0)[:, None, None]     # (R, 1, 1)
     x = (torch.randn(R, 1, K) * scales).to(dtype).to(DEVICE)
