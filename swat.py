@@ -767,7 +767,8 @@ class SWAT(nn.Module):
         cache.position += 1
         # The output layer stays two launches, the norm and cuBLAS's matmul: its 38.6 MB of
         # weights (at the default size) are read at the memory's speed, 8.7 µs on an H200,
-        # where token_linear's kernel took 13.9 µs at best (RESULTS.md, section 5).
+        # where the versions of token_linear's kernel timed took 13.9 µs at best (RESULTS.md,
+        # section 5).
         return self.lm_head(self.transformer.ln_f(x))[:, -1]
 
     @torch.no_grad()
@@ -790,11 +791,11 @@ class SWAT(nn.Module):
         On a GPU the decode step (every layer, and the sampling) is recorded as one CUDA graph
         after its first run and replayed for every later token: one launch instead of hundreds
         of small kernels, each queued by Python. cuda_graph=False runs it eagerly, as a CPU does.
-        compile=True first compiles the decode step (torch.compile): its elementwise work (RoPE,
-        the bias, the sigmoid, the norms, GELU, the residual adds) fused into fewer kernels
-        (1.7x the tokens/s at batch 1 on an H200, RESULTS.md section 5). The compiling takes
-        seconds, once per batch size and process, more than a few hundred tokens gain: it pays
-        for long generations."""
+        compile=True first compiles the decode step (torch.compile): its elementwise work (the
+        cache's tables, the sampling, and beyond token_linear's 4 rows the norms, GELU and the
+        residual adds) fused into fewer kernels (on an H200 1.08x the tokens/s at batch 1, 1.17x
+        at 8, 1.14x at 64; RESULTS.md section 5). The compiling takes seconds, once per batch
+        size and process, more than a few hundred tokens gain: it pays for long generations."""
         # checked once for the whole generation: the one sync of the range check costs nothing
         check_token_ids('idx', idx, self.config.vocab_size)
         if not (is_int(max_new_tokens) and max_new_tokens >= 0):

@@ -1121,6 +1121,24 @@ def test_sink_tokens_change_nothing_until_the_window_leaves_them(attn, sigmoid_b
 
 
 @pytest.mark.usefixtures('reference_attention')
+def test_the_decode_step_reads_the_model_without_dropout():
+    """A model with dropout, in training mode, decodes a text token by token as it does in
+    evaluation mode: generation's step applies no dropout."""
+    torch.manual_seed(0)
+    model = SWAT(tiny_config(dropout=0.5)).to(DEVICE)
+    text = torch.randint(0, 101, (2, 12), device=DEVICE)
+    runs = []
+    with torch.no_grad():
+        for training in (True, False):
+            model.train(training)
+            cache = model.new_cache(2)
+            runs.append(torch.stack([model.decode(text[:, t:t + 1], cache) for t in range(12)]))
+    assert torch.equal(*runs)
+    model.train()
+    assert not torch.equal(model(text)[0], model(text)[0])      # (dropout is on in forward)
+
+
+@pytest.mark.usefixtures('reference_attention')
 def test_the_cache_never_moves_or_grows():
     """The cache is sink_tokens + window slots from the first step on, and stays the same
     storage: the decode step's shapes and buffers never change (what a CUDA graph needs)."""
