@@ -844,16 +844,17 @@ TOP_K_SLICES = 64   # the slices of the first of top_k_logits' two selections
 
 def top_k_logits(logits, k):
     """(values, ids) of the k largest of each row of logits (B, V), in no order, as
-    torch.topk(logits, k, sorted=False) gives them. For at most 8 rows of a vocabulary that
+    torch.topk(logits, k, sorted=False) gives them. For at most 20 rows of a vocabulary that
     TOP_K_SLICES divides (the default 50,304 = 64 x 786), in two selections: the k largest of
     each slice of V / 64, then the k largest of those 64 k; the k largest of a row are among its
     slices' own. PyTorch makes each of the two in one launch (one block a slice), where one
-    selection over all of V for a few rows takes its multi-block path: 11 launches, ~24 µs of a
-    decode step on an H200 (RESULTS.md, section 5). For more rows both selections would take
-    that path too, and the one selection is left as it is."""
+    selection over all of V takes its multi-block path: 11 launches, ~24 µs of a decode step at
+    one row on an H200 (RESULTS.md, section 5). Which path it takes depends on the number of
+    slices and their length (should_use_multiblock in PyTorch's TensorTopK.cu): beyond 20 rows
+    the second selection would be multi-block too, and the one selection is kept."""
     B, V = logits.shape
     width = V // TOP_K_SLICES
-    if V % TOP_K_SLICES or k > width or B > 8:
+    if V % TOP_K_SLICES or k > width or B > 20:
         return torch.topk(logits, k, sorted=False)
     values, ids = torch.topk(logits.reshape(B, TOP_K_SLICES, width), k, sorted=False)  # (B, 64, k)
     ids = ids + torch.arange(0, V, width, device=logits.device)[:, None]    # + each slice's start
