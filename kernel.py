@@ -503,15 +503,15 @@ def _decode_kernel(Q, Knew, Vnew, K, V, O, Slot, Distance, Visible, Cos, Sin, Sl
 
 
 # The linear layers of a decode step with a few rows. Each one is a matrix of weights against a
-# handful of rows, and in PyTorch it is three or four launches: the RMSNorm before it, the
-# matmul, the GELU or the residual add after it, each ~2 µs of launch and one pass over the GPU
-# for a few kilobytes of work. Here one program takes BLOCK_N outputs (1-4) of up to 4 rows over
-# the whole depth, at most 2048 at a time, and does all of it: a layer of a few hundred outputs
-# is a hundred programs or more, each one load of its weights. The rows are too few for the
-# tensor cores (tl.dot takes 16 at least): the products are plain float32 ones. The norm needs
-# no pass of its own: RMSNorm scales each row by one number, r = 1 / sqrt(mean(x^2) + eps), so
-# norm(x) @ W^T = r * ((x * g) @ W^T), and the program sums the squares of x in the same loop
-# that multiplies it.
+# handful of rows, and in PyTorch it is two or three launches: the RMSNorm before it, the matmul,
+# the GELU or the residual add after it, each ~2 µs of launch and one pass over the GPU for a few
+# kilobytes of work. Here one program takes BLOCK_N outputs (1-4) of up to 4 rows over the whole
+# depth, at most 2048 at a time, and does all of it: a layer of a few hundred outputs is about a
+# hundred programs or more, each one load of its weights. The rows are too few for the tensor
+# cores (tl.dot takes 16 at least): the products are plain float32 ones. The norm needs no pass of
+# its own: RMSNorm scales each row by one number, r = 1 / sqrt(mean(x^2) + eps), so norm(x) @ W^T
+# = r * ((x * g) @ W^T), and the program sums the squares of x in the same loop that multiplies
+# it.
 
 @triton.jit
 def _token_linear_kernel(X, W, Gain, Residual, Y, R, N, K, eps, stride_xr, stride_wn, stride_rr,
