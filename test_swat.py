@@ -501,8 +501,8 @@ def test_token_linear_on_a_gpu_is_the_modules(dtype):
                            add + F.gelu(linear(norm(x))))
         wide = torch.nn.Linear(64, 96, bias=False).cuda()
         with torch.autocast('cuda', dtype=torch.bfloat16):
-            rows = x.to(torch.bfloat16)
-            assert torch.equal(kernel.token_linear(rows, wide), wide(rows))
+            halves = x.to(torch.bfloat16)
+            assert torch.equal(kernel.token_linear(halves, wide), wide(halves))
 
 
 def test_torch_compile_traces_the_attention_as_one_operator():
