@@ -24,6 +24,11 @@ step, and the time of each, longest first.
 --long_tokens=N also runs the fastest path (compiled on a GPU, graph elsewhere) at batch 1 for N
 tokens and compares the latency of tokens around 1,000 with those around N, and the peak memory
 at both.
+
+--token_linear_rows=N: decode steps of at most N rows (on a GPU) run each linear layer of a
+block as token_linear's one kernel, as the model does for up to kernel.TOKEN_LINEAR_ROWS; 0
+never (the modules: the norms, cuBLAS's matmuls, GELU and the adds), to time the one against
+the other.
 """
 
 import statistics
@@ -32,6 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import kernel
 from configurator import apply_overrides
 from runtime import DTYPES, check_device, synchronize
 from swat import SWAT, SWATConfig, apply_rope, sample
@@ -44,10 +50,11 @@ tokens = 2048           # tokens per row for each measurement, after a warm-up o
 span = 256              # tokens/s is measured over spans of this many tokens
 long_tokens = 0         # > 0: latency at token 1,000 against token long_tokens (graph, batch 1)
 profile = False         # also where one decode step's time goes, kernel by kernel (the profiler)
+token_linear_rows = kernel.TOKEN_LINEAR_ROWS  # up to this many rows token_linear's kernel; 0: never
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # of the weights and the cache
-config_keys = ['batch_sizes', 'methods', 'tokens', 'span', 'long_tokens', 'profile', 'device',
-               'dtype']
+config_keys = ['batch_sizes', 'methods', 'tokens', 'span', 'long_tokens', 'profile',
+               'token_linear_rows', 'device', 'dtype']
 # -----------------------------------------------------------------------------
 METHODS = ('graph', 'compiled', 'eager', 'unbounded')
 TIMED = 100                 # tokens timed one by one around each point of latency_at
@@ -192,6 +199,9 @@ def check_settings():
                          f"{TIMED}, a span before the {TIMED} tokens timed one by one in the "
                          f"middle, e.g. --tokens={2 * span + TIMED}")
     # the tokens timed around 1,000 and those around long_tokens - TIMED must not overlap
+    if token_linear_rows < 0:
+        raise SystemExit(f"token_linear_rows={token_linear_rows}: expected 0 (the modules at every "
+                         f"batch size) or more")
     if long_tokens and long_tokens < 1000 + 2 * TIMED:
         raise SystemExit(f"long_tokens={long_tokens}: expected 0 (no long run) or at least "
                          f"{1000 + 2 * TIMED}, to compare the tokens around 1,000 with later ones")
@@ -202,12 +212,13 @@ def main(args=None):
     """Measure as the settings say; args: the --key=value overrides (default: sys.argv[1:])."""
     apply_overrides(globals(), config_keys, args)
     sizes, names = check_settings()
+    kernel.TOKEN_LINEAR_ROWS = token_linear_rows
     cuda = torch.device(device).type == 'cuda'
     torch.manual_seed(0)
     model = SWAT(SWATConfig()).to(device, DTYPES[dtype]).eval()
     print(f"{torch.cuda.get_device_name() if cuda else device}, torch {torch.__version__}, "
           f"{dtype}; {model.config.n_layer} layers, window {model.config.window}, {tokens} "
-          f"tokens per row")
+          f"tokens per row; token_linear's kernel up to {token_linear_rows} rows")
     print("| batch | method | tokens/s (median) | ms/token p50 | ms/token p99 | peak MiB |")
     print("|---|---|---|---|---|---|")
     for batch_size in sizes:

@@ -4335,6 +4335,8 @@ def test_check_device_names_what_is_not_here(device, message):
     (['--long_tokens=500'], 'long_tokens=500: expected 0 (no long run) or at least 1200'),
     (['--long_tokens=-1'], 'long_tokens=-1: expected 0 (no long run) or at least 1200'),
     (['--dtype=float64'], "dtype='float64': expected one of"),
+    (['--token_linear_rows=-1'], 'token_linear_rows=-1: expected 0 (the modules at every batch '
+                                 'size) or more'),
 ])
 def test_bench_generate_refuses_settings_that_cannot_work(args, message):
     """Before the model is built: one line naming the setting."""
@@ -4357,6 +4359,19 @@ def test_bench_generate_profiles_a_decode_step(monkeypatch):
     table = bench_generate.format_profile(rows, 'a step', shown=3)
     assert table.startswith(f"a step: {sum(calls.values()):.0f} launches, {sum(times):.1f} µs")
     assert table.splitlines()[-1].startswith(f"| {len(rows) - 3} others |")
+
+
+@pytest.mark.usefixtures('script_state')
+def test_bench_generate_sets_the_rows_of_token_linear(monkeypatch, capsys):
+    """--token_linear_rows=N is the model's TOKEN_LINEAR_ROWS for the run, and the header says it
+    (a short run on the CPU, where the modules run whatever it says)."""
+    monkeypatch.setattr(kernel, 'TOKEN_LINEAR_ROWS', kernel.TOKEN_LINEAR_ROWS)   # put back after
+    monkeypatch.setattr(bench_generate, 'SWATConfig', lambda: tiny_config(vocab_size=50304))
+    bench_generate.main(['--device=cpu', '--dtype=float32', '--batch_sizes=1', '--methods=eager',
+                         '--tokens=228', '--span=64', '--token_linear_rows=0'])
+    assert kernel.TOKEN_LINEAR_ROWS == 0
+    header = capsys.readouterr().out.splitlines()[-4]
+    assert header.endswith("token_linear's kernel up to 0 rows"), header
 
 
 @slow
