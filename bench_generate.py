@@ -198,10 +198,10 @@ def check_settings():
         raise SystemExit(f"tokens={tokens} with span={span}: expected tokens >= 2 * span + "
                          f"{TIMED}, a span before the {TIMED} tokens timed one by one in the "
                          f"middle, e.g. --tokens={2 * span + TIMED}")
-    # the tokens timed around 1,000 and those around long_tokens - TIMED must not overlap
     if token_linear_rows < 0:
         raise SystemExit(f"token_linear_rows={token_linear_rows}: expected 0 (the modules at every "
                          f"batch size) or more")
+    # the tokens timed around 1,000 and those around long_tokens - TIMED must not overlap
     if long_tokens and long_tokens < 1000 + 2 * TIMED:
         raise SystemExit(f"long_tokens={long_tokens}: expected 0 (no long run) or at least "
                          f"{1000 + 2 * TIMED}, to compare the tokens around 1,000 with later ones")
