@@ -394,8 +394,8 @@ class Block(nn.Module):
         return x
 
     def decode(self, x, cache, layer, distance, visible, back_rotation):
-        """forward for one new token per row, x (B, 1, C), against the cache. Each linear layer
-        goes with the norm before it or the GELU and the residual add after it into one call of
+        """forward for one new token per row, x (B, 1, C), against the cache. Each linear layer,
+        with the norm before it and the GELU or the residual add after it, is one call of
         token_linear: on a GPU one kernel where the separate operations were two or three
         launches of a few µs each, the time of a decode step (RESULTS.md, section 5)."""
         qkv = token_linear(x, self.attn.c_attn, norm=self.ln_1)                 # (B, 1, 3C)
