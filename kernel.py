@@ -192,41 +192,30 @@ INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 
 
 @triton.jit
-def _sigmoid_of_double(h, FAST: tl.constexpr):
-    """sigmoid(2h). The fast form is sigmoid(2h) = 0.5 * tanh(h) + 0.5: one tanh.approx
-    instruction on the special function unit instead of an exp and a reciprocal (max. relative
-    error about 2^-11, below the resolution of the 16-bit p that multiplies v). The attention
-    kernels pass h = s / 2 with the halving folded into the scale, the slope and the bias once
-    per program, not once per weight."""
+def _sigmoid(x, FAST: tl.constexpr):
     if FAST:
-        t = tl.inline_asm_elementwise('tanh.approx.f32 $0, $1;', '=f,f', [h],
+        # sigmoid(x) = 0.5 * tanh(x / 2) + 0.5: one tanh.approx instruction on the special
+        # function unit instead of an exp and a reciprocal (max. relative error about 2^-11,
+        # below the resolution of the 16-bit p that multiplies v).
+        t = tl.inline_asm_elementwise('tanh.approx.f32 $0, $1;', '=f,f', [0.5 * x],
                                       dtype=tl.float32, is_pure=True, pack=1)
         return 0.5 * t + 0.5
     else:
-        return tl.sigmoid(2.0 * h)
+        return tl.sigmoid(x)
 
 
 @triton.jit
-def _sigmoid(x, FAST: tl.constexpr):
-    return _sigmoid_of_double(0.5 * x, FAST)
-
-
-@triton.jit
-def _weights(a, b, row_shift, col_shift, half_scale, FAST_SIGMOID: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    """sigmoid(scale * a @ b + slope * (m - n) + bias) for one tile, where a @ b holds q . k
-    products. The ALiBi term and the bias come as a row term plus a column term: slope * m +
-    bias and -slope * n, measured from the program's first row so that float32 keeps them exact
-    enough; adding them costs one addition a weight, where slope * (m - n) took a subtraction,
-    a conversion and a multiply-add. Both terms, like half_scale, are halved (see above)."""
-    h = tl.dot(a, b, input_precision=DOT_PRECISION) * half_scale + (row_shift[:, None] + col_shift[None, :])
-    return _sigmoid_of_double(h, FAST_SIGMOID)
-
-
-@triton.jit
-def _in_window(distance, WINDOW):
-    """Which (query, key) pairs of a masked tile the window keeps, from their m - n."""
-    return (distance >= 0) & (distance < WINDOW)
+def _weights(a, b, distance, slope, bias, scale, WINDOW, MASKED: tl.constexpr,
+             FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """sigmoid(scale * a @ b + slope * distance + bias) for one tile, where a @ b holds q . k
+    products and distance the matching m - n. Masked tiles zero what the window hides."""
+    # the ALiBi term and the constant b shift the scaled dot products alike: one shift per element
+    shift = slope * distance.to(tl.float32) + bias
+    s = tl.dot(a, b, input_precision=DOT_PRECISION) * scale + shift
+    p = _sigmoid(s, FAST_SIGMOID)
+    if MASKED:
+        p = tl.where((distance >= 0) & (distance < WINDOW), p, 0.0)
+    return p
 
 
 # Which tiles a program visits, drawn for BLOCK_M = BLOCK_N = 4 and w = 12 ('#': the query sees
@@ -299,19 +288,17 @@ def _at_head(X, stride_b, stride_h, H):
 
 
 @triton.jit
-def _forward_tiles(acc, q, K, V, stride_kt, stride_vt, half_slope, row_shift, half_scale, m0,
-                   offs_m, n_lo, n_hi, T, WINDOW, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                   MASKED: tl.constexpr, FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, n_lo, n_hi, T,
+                   WINDOW, BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
+                   FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_d = tl.arange(0, D)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_seq = offs_n < T
         k_t = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        col_shift = -half_slope * (offs_n - m0).to(tl.float32)
-        p = _weights(q, k_t, row_shift, col_shift, half_scale, FAST_SIGMOID, DOT_PRECISION)
-        if MASKED:
-            p = tl.where(_in_window(offs_m[:, None] - offs_n[None, :], WINDOW), p, 0.0)
+        distance = offs_m[:, None] - offs_n[None, :]
+        p = _weights(q, k_t, distance, slope, bias, scale, WINDOW, MASKED, FAST_SIGMOID, DOT_PRECISION)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -327,29 +314,27 @@ def _forward_kernel(Q, K, V, O, Slopes, bias, scale, T, H, WINDOW,
     K = _at_head(K, stride_kb, stride_kh, H)
     V = _at_head(V, stride_vb, stride_vh, H)
     O = _at_head(O, stride_ob, stride_oh, H)
-    half_slope = 0.5 * tl.load(Slopes + tl.program_id(1) % H)
+    slope = tl.load(Slopes + tl.program_id(1) % H)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
-    row_shift = half_slope * (offs_m - m0).to(tl.float32) + 0.5 * bias     # see _weights
 
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _key_block_runs(m0, T, WINDOW, BLOCK_M, BLOCK_N)
-    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, half_slope, row_shift, 0.5 * scale, m0,
-                         offs_m, lo, mid_lo, T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
-    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, half_slope, row_shift, 0.5 * scale, m0,
-                         offs_m, mid_lo, mid_hi, T, WINDOW, BLOCK_N, D, False, FAST_SIGMOID,
-                         DOT_PRECISION)
-    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, half_slope, row_shift, 0.5 * scale, m0,
-                         offs_m, mid_hi, hi, T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, lo,
+                         mid_lo, T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, mid_lo,
+                         mid_hi, T, WINDOW, BLOCK_N, D, False, FAST_SIGMOID, DOT_PRECISION)
+    acc = _forward_tiles(acc, q, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, mid_hi,
+                         hi, T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
     tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=offs_m[:, None] < T)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, half_slope, row_shift, half_scale, n0,
-                offs_n, m_lo, m_hi, T, WINDOW, BLOCK_M: tl.constexpr, D: tl.constexpr,
-                MASKED: tl.constexpr, FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, bias, scale, offs_n, m_lo,
+                m_hi, T, WINDOW, BLOCK_M: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
+                FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Works on transposed tiles, p^T[n, m], computed as k @ q^T: moving a finished fp32 tile
     # from one register layout to the other would cost a round trip through shared memory.
     offs_d = tl.arange(0, D)
@@ -358,10 +343,9 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, half_slope, row_shif
         in_seq = offs_m < T
         q_t = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        col_shift = half_slope * (offs_m - n0).to(tl.float32)    # the rows are keys here
-        p_t = _weights(k, q_t, row_shift, col_shift, half_scale, FAST_SIGMOID, DOT_PRECISION)
-        if MASKED:
-            p_t = tl.where(_in_window(offs_m[None, :] - offs_n[:, None], WINDOW), p_t, 0.0)
+        distance_t = offs_m[None, :] - offs_n[:, None]
+        p_t = _weights(k, q_t, distance_t, slope, bias, scale, WINDOW, MASKED, FAST_SIGMOID,
+                       DOT_PRECISION)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = dp_t * p_t * (1.0 - p_t)
@@ -383,26 +367,22 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Slopes, bias, scale, T, H, WINDOW,
     DO = _at_head(DO, stride_dob, stride_doh, H)
     DK = _at_head(DK, stride_gb, stride_gh, H)          # dk and dv: one layout
     DV = _at_head(DV, stride_gb, stride_gh, H)
-    half_slope = 0.5 * tl.load(Slopes + tl.program_id(1) % H)
+    slope = tl.load(Slopes + tl.program_id(1) % H)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     in_seq = offs_n[:, None] < T
     k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq, other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq, other=0.0)
-    row_shift = -half_slope * (offs_n - n0).to(tl.float32) + 0.5 * bias
 
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _query_block_runs(n0, T, WINDOW, BLOCK_M, BLOCK_N)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, half_slope, row_shift,
-                         0.5 * scale, n0, offs_n, lo, mid_lo, T, WINDOW, BLOCK_M, D, True,
-                         FAST_SIGMOID, DOT_PRECISION)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, half_slope, row_shift,
-                         0.5 * scale, n0, offs_n, mid_lo, mid_hi, T, WINDOW, BLOCK_M, D, False,
-                         FAST_SIGMOID, DOT_PRECISION)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, half_slope, row_shift,
-                         0.5 * scale, n0, offs_n, mid_hi, hi, T, WINDOW, BLOCK_M, D, True,
-                         FAST_SIGMOID, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, bias, scale, offs_n,
+                         lo, mid_lo, T, WINDOW, BLOCK_M, D, True, FAST_SIGMOID, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, bias, scale, offs_n,
+                         mid_lo, mid_hi, T, WINDOW, BLOCK_M, D, False, FAST_SIGMOID, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, stride_qt, stride_dot, slope, bias, scale, offs_n,
+                         mid_hi, hi, T, WINDOW, BLOCK_M, D, True, FAST_SIGMOID, DOT_PRECISION)
     tl.store(DK + offs_n[:, None] * stride_gt + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=in_seq)
     tl.store(DV + offs_n[:, None] * stride_gt + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -410,8 +390,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Slopes, bias, scale, T, H, WINDOW,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, half_slope, row_shift, half_scale, m0, offs_m,
-              n_lo, n_hi, T, WINDOW, BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
+def _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, n_lo, n_hi, T,
+              WINDOW, BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
               FAST_SIGMOID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_d = tl.arange(0, D)
     for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -419,10 +399,8 @@ def _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, half_slope, row_shift, half
         in_seq = offs_n < T
         k_t = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-        col_shift = -half_slope * (offs_n - m0).to(tl.float32)
-        p = _weights(q, k_t, row_shift, col_shift, half_scale, FAST_SIGMOID, DOT_PRECISION)
-        if MASKED:
-            p = tl.where(_in_window(offs_m[:, None] - offs_n[None, :], WINDOW), p, 0.0)
+        distance = offs_m[:, None] - offs_n[None, :]
+        p = _weights(q, k_t, distance, slope, bias, scale, WINDOW, MASKED, FAST_SIGMOID, DOT_PRECISION)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         ds = dp * p * (1.0 - p)
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
@@ -442,22 +420,21 @@ def _dq_kernel(Q, K, V, DO, DQ, Slopes, bias, scale, T, H, WINDOW,
     V = _at_head(V, stride_vb, stride_vh, H)
     DO = _at_head(DO, stride_dob, stride_doh, H)
     DQ = _at_head(DQ, stride_gb, stride_gh, H)
-    half_slope = 0.5 * tl.load(Slopes + tl.program_id(1) % H)
+    slope = tl.load(Slopes + tl.program_id(1) % H)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     in_seq = offs_m[:, None] < T
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=in_seq, other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=in_seq, other=0.0)
-    row_shift = half_slope * (offs_m - m0).to(tl.float32) + 0.5 * bias
 
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _key_block_runs(m0, T, WINDOW, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, half_slope, row_shift, 0.5 * scale, m0,
-                   offs_m, lo, mid_lo, T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, half_slope, row_shift, 0.5 * scale, m0,
-                   offs_m, mid_lo, mid_hi, T, WINDOW, BLOCK_N, D, False, FAST_SIGMOID, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, half_slope, row_shift, 0.5 * scale, m0,
-                   offs_m, mid_hi, hi, T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, lo, mid_lo,
+                   T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, mid_lo,
+                   mid_hi, T, WINDOW, BLOCK_N, D, False, FAST_SIGMOID, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, K, V, stride_kt, stride_vt, slope, bias, scale, offs_m, mid_hi, hi,
+                   T, WINDOW, BLOCK_N, D, True, FAST_SIGMOID, DOT_PRECISION)
     tl.store(DQ + offs_m[:, None] * stride_gt + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=in_seq)
 
