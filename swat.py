@@ -839,29 +839,6 @@ class SWAT(nn.Module):
 SHORT_PROMPT = 64
 
 
-TOP_K_SLICES = 64   # the slices of the first of top_k_logits' two selections
-
-
-def top_k_logits(logits, k):
-    """(values, ids) of the k largest of each row of logits (B, V), in no order, as
-    torch.topk(logits, k, sorted=False) gives them. For at most 20 rows of a vocabulary that
-    TOP_K_SLICES divides (the default 50,304 = 64 x 786), in two selections: the k largest of
-    each slice of V / 64, then the k largest of those 64 k; the k largest of a row are among its
-    slices' own. PyTorch makes each of the two in one launch (one block a slice), where one
-    selection over all of V takes its multi-block path: 11 launches, ~24 µs of a decode step at
-    one row on an H200 (RESULTS.md, section 5). Which path it takes depends on the number of
-    slices and their length (should_use_multiblock in PyTorch's TensorTopK.cu): beyond 20 rows
-    the second selection would be multi-block too, and the one selection is kept."""
-    B, V = logits.shape
-    width = V // TOP_K_SLICES
-    if V % TOP_K_SLICES or k > width or B > 20:
-        return torch.topk(logits, k, sorted=False)
-    values, ids = torch.topk(logits.reshape(B, TOP_K_SLICES, width), k, sorted=False)  # (B, 64, k)
-    ids = ids + torch.arange(0, V, width, device=logits.device)[:, None]    # + each slice's start
-    values, best = torch.topk(values.reshape(B, -1), k, sorted=False)                  # (B, k)
-    return values, ids.reshape(B, -1).gather(-1, best)
-
-
 def sample(logits, temperature, top_k):
     """One token per row of logits (B, V), as (B, 1), drawn on the device without a sync.
     argmax(logits / temperature + Gumbel noise) is a draw from softmax(logits / temperature)
@@ -873,7 +850,7 @@ def sample(logits, temperature, top_k):
         return logits.argmax(dim=-1, keepdim=True)
     ids = None
     if top_k is not None and top_k < logits.size(-1):
-        logits, ids = top_k_logits(logits, top_k)                   # (B, k) each
+        logits, ids = torch.topk(logits, top_k, sorted=False)      # (B, k) each
     logits = logits.float()
     gumbel = -torch.log(-torch.log(torch.rand_like(logits)))
     # argmax(logits / T + gumbel) is argmax(logits + T * gumbel): scale by whichever of 1 / T and

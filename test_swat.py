@@ -1197,23 +1197,6 @@ def test_sampling_draws_from_the_distribution():
                 (temperature, top_k, counts)
 
 
-@pytest.mark.parametrize('B, V, k', [(1, 50304, 200), (3, 50304, 200), (20, 6400, 100),
-                                     (2, 6400, 1), (2, 6400, 100), (21, 6400, 100), (2, 6401, 100)])
-def test_top_k_logits_are_torch_topk(B, V, k):
-    """top_k_logits' two selections pick what one torch.topk picks: the same values, each with
-    its own id, for a vocabulary of 64 slices (the default's), with ties across slices and at
-    the k-th value (logits rounded to 16-bit), and where it falls back to one selection (more
-    than 20 rows, a vocabulary 64 does not divide); k=1 too."""
-    torch.manual_seed(0)
-    logits = torch.randn(B, V, device=DEVICE).to(torch.bfloat16)
-    values, ids = swat.top_k_logits(logits, k)
-    expected, _ = torch.topk(logits, k, sorted=False)
-    assert values.shape == ids.shape == (B, k)
-    assert torch.equal(values.sort(-1).values, expected.sort(-1).values)
-    assert torch.equal(logits.gather(-1, ids), values)
-    assert all(len(set(row)) == k for row in ids.tolist())                  # k distinct ids
-
-
 @pytest.mark.parametrize('temperature', [1e-45, 1e-38, 1e-30])
 def test_tiny_temperatures_are_greedy(temperature):
     """However small the temperature, nothing overflows (100 / 1e-38 is inf in float32, and so
