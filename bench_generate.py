@@ -22,8 +22,8 @@ kernels of one decode step (operators on a CPU) from torch.profiler over 20 step
 step, and the time of each, longest first.
 
 --long_tokens=N also runs the fastest path (compiled on a GPU, graph elsewhere) at batch 1 for N
-tokens and compares the latency of tokens around 1,000 with those around N, and the peak memory
-at both.
+tokens and compares the latency of the 1,000 tokens around token 1,000 with that of 1,000 tokens
+near token N, and the peak memory at both.
 
 --token_linear_rows=N: decode steps of at most N rows (on a GPU) run each linear layer of a
 block as token_linear's one kernel, as the model does for up to kernel.TOKEN_LINEAR_ROWS; 0
@@ -58,6 +58,7 @@ config_keys = ['batch_sizes', 'methods', 'tokens', 'span', 'long_tokens', 'profi
 # -----------------------------------------------------------------------------
 METHODS = ('graph', 'compiled', 'eager', 'unbounded')
 TIMED = 100                 # tokens timed one by one around each point of latency_at
+LONG_TIMED = 1000           # ... for the long run: its p99 the 10th slowest, not one host hiccup
 
 
 def unbounded_tokens(model, prompt, n, temperature=1.0, top_k=200):
@@ -104,9 +105,9 @@ def token_stream(model, method, prompt, n):
                                  cuda_graph=(method != 'eager'), compile=(method == 'compiled'))
 
 
-def measure(model, method, batch_size, n, latency_at=()):
+def measure(model, method, batch_size, n, latency_at=(), timed=TIMED):
     """Generate 64 + n tokens per row; return ([tokens/s over each span that holds no timed
-    token], {t: latency of token t in ms} for the TIMED tokens around each t in latency_at,
+    token], {t: latency of token t in ms} for the `timed` tokens around each t in latency_at,
     {t: peak MiB so far}). Per-token latencies wait for each token; the spans do not (they wait
     only at their ends)."""
     cuda = torch.device(device).type == 'cuda'
@@ -115,7 +116,7 @@ def measure(model, method, batch_size, n, latency_at=()):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     rates, latencies, peaks, last = [], {}, {}, None
-    timed = {t + d for t in latency_at for d in range(-TIMED // 2, TIMED // 2)}
+    timed = {t + d for t in latency_at for d in range(-timed // 2, timed // 2)}
     with torch.no_grad():
         for t, _ in enumerate(token_stream(model, method, prompt, 64 + n), -63):
             if t > 0 and (t % span == 0 or t in timed or t - 1 in timed):
@@ -201,10 +202,11 @@ def check_settings():
     if token_linear_rows < 0:
         raise SystemExit(f"token_linear_rows={token_linear_rows}: expected 0 (the modules at every "
                          f"batch size) or more")
-    # the tokens timed around 1,000 and those around long_tokens - TIMED must not overlap
-    if long_tokens and long_tokens < 1000 + 2 * TIMED:
+    # the tokens timed around 1,000 and those around long_tokens - LONG_TIMED must not overlap
+    if long_tokens and long_tokens < 1000 + 2 * LONG_TIMED:
         raise SystemExit(f"long_tokens={long_tokens}: expected 0 (no long run) or at least "
-                         f"{1000 + 2 * TIMED}, to compare the tokens around 1,000 with later ones")
+                         f"{1000 + 2 * LONG_TIMED}, to compare the tokens around 1,000 with later "
+                         f"ones")
     return sizes, names
 
 
@@ -236,13 +238,14 @@ def main(args=None):
                 print(format_profile(step_profile(model, method, sizes[0]),
                                      f"one decode step, batch {sizes[0]}, {method}"))
     if long_tokens:
-        points = (1000, long_tokens - TIMED)
+        points = (1000, long_tokens - LONG_TIMED)
         method = 'compiled' if cuda else 'graph'
-        _, latencies, peaks = measure(model, method, 1, long_tokens, latency_at=points)
+        _, latencies, peaks = measure(model, method, 1, long_tokens, latency_at=points,
+                                      timed=LONG_TIMED)
         for where in points:
-            near = [t for t in latencies if abs(t - where) <= TIMED // 2]
+            near = [t for t in latencies if abs(t - where) <= LONG_TIMED // 2]
             ms = [latencies[t] for t in near]
-            print(f"{method}, batch 1, the {TIMED} tokens around {where:,}: p50 "
+            print(f"{method}, batch 1, the {LONG_TIMED:,} tokens around {where:,}: p50 "
                   f"{percentile(ms, 0.5):.3f} ms, p99 {percentile(ms, 0.99):.3f} ms, peak "
                   f"{max(peaks[t] for t in near):.1f} MiB")
 

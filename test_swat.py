@@ -4315,8 +4315,8 @@ def test_check_device_names_what_is_not_here(device, message):
     (['--span=0'], 'span=0: expected 1 or more'),
     (['--tokens=300', '--span=256'], 'tokens=300 with span=256: expected tokens >= 2 * span + '
                                      '100'),
-    (['--long_tokens=500'], 'long_tokens=500: expected 0 (no long run) or at least 1200'),
-    (['--long_tokens=-1'], 'long_tokens=-1: expected 0 (no long run) or at least 1200'),
+    (['--long_tokens=2999'], 'long_tokens=2999: expected 0 (no long run) or at least 3000'),
+    (['--long_tokens=-1'], 'long_tokens=-1: expected 0 (no long run) or at least 3000'),
     (['--dtype=float64'], "dtype='float64': expected one of"),
     (['--token_linear_rows=-1'], 'token_linear_rows=-1: expected 0 (the modules at every batch '
                                  'size) or more'),
