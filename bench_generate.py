@@ -48,7 +48,7 @@ methods = ('graph,compiled,eager,unbounded' if torch.cuda.is_available()
            else 'graph,eager,unbounded')  # the ways of generating to time, comma-separated
 tokens = 2048           # tokens per row for each measurement, after a warm-up of 64
 span = 256              # tokens/s is measured over spans of this many tokens
-long_tokens = 0         # > 0: latency at token 1,000 against token long_tokens (graph, batch 1)
+long_tokens = 0         # > 0: latency at token 1,000 against token long_tokens (batch 1)
 profile = False         # also where one decode step's time goes, kernel by kernel (the profiler)
 token_linear_rows = kernel.TOKEN_LINEAR_ROWS  # up to this many rows token_linear's kernel; 0: never
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
@@ -105,9 +105,9 @@ def token_stream(model, method, prompt, n):
                                  cuda_graph=(method != 'eager'), compile=(method == 'compiled'))
 
 
-def measure(model, method, batch_size, n, latency_at=(), timed=TIMED):
+def measure(model, method, batch_size, n, latency_at=(), per_point=TIMED):
     """Generate 64 + n tokens per row; return ([tokens/s over each span that holds no timed
-    token], {t: latency of token t in ms} for the `timed` tokens around each t in latency_at,
+    token], {t: latency of token t in ms} for the `per_point` tokens around each t in latency_at,
     {t: peak MiB so far}). Per-token latencies wait for each token; the spans do not (they wait
     only at their ends)."""
     cuda = torch.device(device).type == 'cuda'
@@ -116,7 +116,7 @@ def measure(model, method, batch_size, n, latency_at=(), timed=TIMED):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     rates, latencies, peaks, last = [], {}, {}, None
-    timed = {t + d for t in latency_at for d in range(-timed // 2, timed // 2)}
+    timed = {t + d for t in latency_at for d in range(-per_point // 2, per_point // 2)}
     with torch.no_grad():
         for t, _ in enumerate(token_stream(model, method, prompt, 64 + n), -63):
             if t > 0 and (t % span == 0 or t in timed or t - 1 in timed):
@@ -241,7 +241,7 @@ def main(args=None):
         points = (1000, long_tokens - LONG_TIMED)
         method = 'compiled' if cuda else 'graph'
         _, latencies, peaks = measure(model, method, 1, long_tokens, latency_at=points,
-                                      timed=LONG_TIMED)
+                                      per_point=LONG_TIMED)
         for where in points:
             near = [t for t in latencies if abs(t - where) <= LONG_TIMED // 2]
             ms = [latencies[t] for t in near]
