@@ -4,6 +4,7 @@ Times swat_attention next to the attention a user would otherwise reach for, on 
     python bench.py                      # the six shapes, then the length sweep
     python bench.py --sigmoid=exact --sweep_lengths=   # exact sigmoid, six shapes only
     python bench.py --backward_thread=caller   # every backward on the calling thread
+    python bench.py --mode=tiles         # each kernel at each of its tile configurations
     python bench.py --mode=train         # training throughput of a GPT-2-small-sized model
     python bench.py --mode=loss          # the output layer and its cross-entropy alone
     python bench.py --mode=loss --loss_rows=8192 --loss_width=384 --loss_chunks=1024,2048,4096,8192
@@ -28,6 +29,14 @@ The ratio columns are each method's forward+backward ms over swat's, from the me
 rows say how much faster swat is than Flex sigmoid and Flex softmax SWA. Then the length sweep:
 swat and SDPA, w = sweep_window, at each T of sweep_lengths.
 
+--mode=tiles times each of swat's three kernels (the forward, the dk/dv pass and the dq pass) at
+each of its fast configurations (kernel.py's lists: (BLOCK_M, BLOCK_N, num_warps, num_stages)),
+at the six shapes: the GPU ms of one launch from the profiler (the median of tile_calls, the L2
+cache emptied before each call as do_bench empties it) and the TFLOP/s of the tile matmuls the
+kernel runs (2 per tile in the forward, 4 in dk/dv, 3 in dq), then per shape the fastest of
+each kernel as effective forward and backward TFLOP/s (the backward credited 2.5 x forward,
+as below). To try other tiles, edit the lists in kernel.py (every kernel has as many).
+
 --mode=train times whole training steps of a 12-layer, 12-head, 768-wide model (train_shape;
 forward, backward, fused AdamW, bfloat16 autocast, each block compiled on its own and the step
 recorded as a CUDA graph, as train.py runs them on one GPU; --train_compile=model compiles the
@@ -51,6 +60,7 @@ TFLOP/s count only the (query, key) pairs a method attends to: forward 4 * B * H
 backward 2.5 x forward.
 """
 
+import math
 import statistics
 import sys
 import time
@@ -79,8 +89,10 @@ host_calls = 20         # forward+backward calls timed for the host's µs per ca
 backward_thread = 'engine'  # where autograd runs each backward, for every method alike: 'engine',
                             # its own thread for the GPU (PyTorch's default), or 'caller', the
                             # thread that asks (torch.autograd.set_multithreading_enabled(False))
-mode = 'attention'      # 'attention': the kernel and its peers; 'train': whole training steps;
-                        # 'loss': the output layer and its cross-entropy
+mode = 'attention'      # 'attention': the kernel and its peers; 'tiles': each kernel at each of
+                        # its configurations; 'train': whole training steps; 'loss': the output
+                        # layer and its cross-entropy
+tile_calls = 10         # --mode=tiles: launches of each configuration, their median
 train_lengths = '4096,16384'  # --mode=train: the sequence lengths, comma-separated
 train_window = 512      # --mode=train: SWAT's window
 train_tokens = 32768    # tokens per training step: batch size = train_tokens / length
@@ -93,7 +105,7 @@ loss_rows = 32768       # rows of the loss in --mode=loss ...
 loss_width = 768        # ... and their width C (train.py's default model: 8192 rows of 384)
 loss_chunks = '1024,2048,4096'  # chunk sizes of the chunked loss in --mode=loss
 SETTINGS = ['sigmoid', 'tokens', 'seq_len', 'sweep_window', 'sweep_lengths', 'repeats',
-            'host_calls', 'backward_thread', 'mode',
+            'host_calls', 'backward_thread', 'mode', 'tile_calls',
             'train_lengths', 'train_window', 'train_tokens', 'train_compile', 'train_shape',
             'train_graph', 'train_profile', 'fused_loss',
             'loss_rows', 'loss_width', 'loss_chunks']
@@ -106,8 +118,8 @@ def apply_settings(args):
     """Apply --key=value arguments to the settings above; exit with one line on a bad value or
     on a machine without a GPU. Run as a script only, so that importing bench runs nothing."""
     apply_overrides(globals(), SETTINGS, args)
-    if mode not in ('attention', 'train', 'loss'):
-        raise SystemExit(f"mode={mode!r}: expected 'attention', 'train' or 'loss'")
+    if mode not in ('attention', 'tiles', 'train', 'loss'):
+        raise SystemExit(f"mode={mode!r}: expected 'attention', 'tiles', 'train' or 'loss'")
     if train_compile not in ('blocks', 'model'):
         raise SystemExit(f"train_compile={train_compile!r}: expected 'blocks' or 'model'")
     if backward_thread not in ('engine', 'caller'):
@@ -134,8 +146,9 @@ def apply_settings(args):
             raise SystemExit(f"{key}={globals()[key]}: expected a window of 1 or more")
     if repeats < 3:
         raise SystemExit(f"repeats={repeats}: expected 3 or more (a median and a spread)")
-    if host_calls < 1:
-        raise SystemExit(f"host_calls={host_calls}: expected 1 or more")
+    for key in ('host_calls', 'tile_calls'):
+        if globals()[key] < 1:
+            raise SystemExit(f"{key}={globals()[key]}: expected 1 or more")
     for key in ('loss_rows', 'loss_width'):
         if globals()[key] < 1:
             raise SystemExit(f"{key}={globals()[key]}: expected 1 or more")
@@ -485,8 +498,6 @@ def length_sweep():
 
 def main():
     torch.manual_seed(0)
-    if sigmoid == 'exact':
-        kernel.FAST_SIGMOID = False
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"bfloat16, B*T = {tokens}, T = {seq_len}, sigmoid = {sigmoid}, "
           f"backward_thread = {backward_thread}\n")
@@ -495,6 +506,81 @@ def main():
     host_table()
     if sweep_lengths:
         length_sweep()
+
+
+# (launcher, its name in the tables, the tile matmuls it runs per (query block, key block))
+TILED_KERNELS = ((kernel._forward, 'forward', 2), (kernel._dkdv, 'dk, dv', 4),
+                 (kernel._dq, 'dq', 3))
+
+
+def kernel_ms(call):
+    """{kernel name: the median GPU ms of its launches} over tile_calls calls of call(), from
+    the profiler, the L2 cache emptied before each call as do_bench empties it."""
+    cache = triton.runtime.driver.active.get_empty_cache_for_benchmark()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(tile_calls):
+            cache.zero_()
+            call()
+        torch.cuda.synchronize()
+    durations = {}
+    for event in profile.events():
+        for launched in event.kernels:
+            durations.setdefault(launched.name, []).append(launched.duration / 1e3)
+    return {name: statistics.median(times) for name, times in durations.items()}
+
+
+def launched_ms(launch, config):
+    """kernel_ms of launch(config); without the kernels that did not launch where a configuration
+    does not fit this GPU (too much shared memory: the launch raises, and the later kernels of
+    the call do not run)."""
+    try:
+        return kernel_ms(lambda: launch(config))
+    except triton.runtime.errors.OutOfResources:
+        return {}
+
+
+def tiles():
+    B, T = tokens // seq_len, seq_len
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"bfloat16, B*T = {tokens}, T = {seq_len}, sigmoid = {sigmoid}\n"
+          f"each kernel at each of its fast configurations, (BLOCK_M, BLOCK_N, num_warps, "
+          f"num_stages):")
+    for launcher, name, _ in TILED_KERNELS:
+        print(f"  {name:<7} " + '  '.join(f"{i}: {config}" for i, config in
+                                          enumerate(launcher.fast)))
+    print(f"GPU ms of one launch (the profiler, the median of {tile_calls}); TF/s: the tile "
+          f"matmuls it runs (forward 2, dk/dv 4, dq 3 a tile) over the pairs in the window; "
+          f"then per shape the fastest of each, effective TF/s (backward 2.5 x forward)")
+    header = (f"{'D':>4} {'H':>3} {'w':>5} | {'kernel':<7} | " +
+              ' '.join(f"{f'ms at {i}':>8}" for i in range(kernel.FAST_CONFIGS)) +
+              f" | {'fastest':>7} | {'TF/s':>6}")
+    print_header(header)
+    for D, H in HEADS:
+        slopes = alibi_slopes(H).cuda()
+        q, k, v, do = (torch.randn(B, H, T, D, device='cuda', dtype=torch.bfloat16)
+                       for _ in range(4))
+        out, dq, dk, dv = (torch.empty_like(q) for _ in range(4))
+        for w in WINDOWS:
+            def launch(config):
+                kernel.swat_forward(q, k, v, slopes, w, D ** -0.5, 0.0, out, config)
+                kernel.swat_backward(do, q, k, v, slopes, w, D ** -0.5, 0.0, dq, dk, dv, config)
+            launch(None)                # the autotuner compiles every configuration at once
+            times = [launched_ms(launch, i) for i in range(kernel.FAST_CONFIGS)]
+            flops = forward_flops(q, w)
+            fastest = {}
+            for launcher, name, matmuls in TILED_KERNELS:
+                ms = [next((t for launched, t in time.items()
+                            if launcher.kernel.__name__ in launched), math.inf) for time in times]
+                best = ms.index(min(ms))
+                fastest[name] = ms[best]
+                print(f"{D:>4} {H:>3} {w:>5} | {name:<7} | " +
+                      ' '.join('       -' if t == math.inf else f"{t:8.3f}" for t in ms) +
+                      f" | {best:>7} | {matmuls / 2 * flops / ms[best] / 1e9:6.1f}")
+            backward_ms = fastest['dk, dv'] + fastest['dq']
+            print(f"{'':>14} | the fastest: forward {flops / fastest['forward'] / 1e9:.1f}, "
+                  f"backward {2.5 * flops / backward_ms / 1e9:.1f} ({backward_ms:.3f} ms) "
+                  f"effective TF/s")
 
 
 def training_step(config, batch_size):
@@ -704,5 +790,8 @@ def loss_alone():
 if __name__ == '__main__':
     apply_settings(sys.argv[1:])
     swat.FUSED_LOSS = fused_loss
+    kernel.FAST_SIGMOID = sigmoid == 'fast'
     with torch.autograd.set_multithreading_enabled(backward_thread == 'engine'):
-        {'train': training_throughput, 'loss': loss_alone, 'attention': main}[mode]()
+        modes = {'attention': main, 'tiles': tiles, 'train': training_throughput,
+                 'loss': loss_alone}
+        modes[mode]()

@@ -4385,6 +4385,8 @@ def test_bench_says_it_needs_a_gpu():
     ('--sweep_window=0', 'sweep_window=0: expected a window of 1 or more'),
     ('--repeats=2', 'repeats=2: expected 3 or more (a median and a spread)'),
     ('--host_calls=0', 'host_calls=0: expected 1 or more'),
+    ('--tile_calls=0', 'tile_calls=0: expected 1 or more'),
+    ('--mode=tile', "mode='tile': expected 'attention', 'tiles', 'train' or 'loss'"),
     ('--loss_width=0', 'loss_width=0: expected 1 or more'),
     ('--loss_chunks=1024,', "loss_chunks='1024,': expected comma-separated chunk sizes"),
 ])
