@@ -608,15 +608,20 @@ class _Launcher:
         return launch
 
 
+# The fast lists: for each kernel the fastest of 15-17 candidates timed one by one at the six
+# shapes of `bench.py --mode=tiles` on an H200 (RESULTS.md, section 1). Small tiles win at
+# small windows: at w = 128 nearly every tile a program visits is cut by the window's edge or
+# the diagonal, and a smaller tile computes fewer of the masked pairs; there the dk/dv pass
+# takes 64 keys a program, and at w = 2048 128.
 _forward = _Launcher(_forward_kernel, small=(32, 16, 4, 1),
-                     fast=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                           (64, 64, 4, 3), (128, 32, 4, 4)])
+                     fast=[(128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 4), (64, 32, 4, 4),
+                           (64, 64, 4, 3)])
 _dkdv = _Launcher(_dkdv_kernel, small=(16, 32, 4, 1),
-                  fast=[(32, 128, 4, 3), (32, 128, 8, 4), (64, 128, 8, 3),
-                        (64, 64, 4, 3), (128, 128, 8, 2)])
+                  fast=[(32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 4), (32, 64, 4, 4),
+                        (64, 128, 8, 4)])
 _dq = _Launcher(_dq_kernel, small=(32, 16, 4, 1),
-                fast=[(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
-                      (128, 32, 8, 4), (64, 32, 4, 4)])
+                fast=[(128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 3),
+                      (64, 32, 4, 2)])
 FAST_CONFIGS = len(_forward.fast)       # every kernel has this many
 
 
