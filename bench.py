@@ -32,10 +32,11 @@ swat and SDPA, w = sweep_window, at each T of sweep_lengths.
 --mode=tiles times each of swat's three kernels (the forward, the dk/dv pass and the dq pass) at
 each of its fast configurations (kernel.py's lists: (BLOCK_M, BLOCK_N, num_warps, num_stages)),
 at the six shapes: the GPU ms of one launch from the profiler (the median of tile_calls, the L2
-cache emptied before each call as do_bench empties it) and the TFLOP/s of the tile matmuls the
-kernel runs (2 per tile in the forward, 4 in dk/dv, 3 in dq), then per shape the fastest of
-each kernel as effective forward and backward TFLOP/s (the backward credited 2.5 x forward,
-as below). To try other tiles, edit the lists in kernel.py (every kernel has as many).
+cache emptied before each call as do_bench empties it, after 0.2 s of calls that bring the GPU
+to the clock it holds under load) and the TFLOP/s of the tile matmuls the kernel runs (2 per
+tile in the forward, 4 in dk/dv, 3 in dq), then per shape the fastest of each kernel as
+effective forward and backward TFLOP/s (the backward credited 2.5 x forward, as below). To try
+other tiles, edit the lists in kernel.py (every kernel has as many).
 
 --mode=train times whole training steps of a 12-layer, 12-head, 768-wide model (train_shape;
 forward, backward, fused AdamW, bfloat16 autocast, each block compiled on its own and the step
@@ -513,9 +514,17 @@ TILED_KERNELS = ((kernel._forward, 'forward', 2), (kernel._dkdv, 'dk, dv', 4),
                  (kernel._dq, 'dq', 3))
 
 
-def kernel_ms(call):
+def kernel_ms(call, settle_s=0.2):
     """{kernel name: the median GPU ms of its launches} over tile_calls calls of call(), from
-    the profiler, the L2 cache emptied before each call as do_bench empties it."""
+    the profiler, the L2 cache emptied before each call as do_bench empties it. Calls for
+    settle_s seconds come first: under a sustained load an H200 meets its power cap and lowers
+    its clock (RESULTS.md, section 1), and do_bench's timings, which run for a while, see that
+    clock, not the one an idle GPU starts at."""
+    start = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    for _ in range(math.ceil(settle_s / (time.perf_counter() - start))):
+        call()
     cache = triton.runtime.driver.active.get_empty_cache_for_benchmark()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profile:
@@ -524,9 +533,9 @@ def kernel_ms(call):
             call()
         torch.cuda.synchronize()
     durations = {}
-    for event in profile.events():
-        for launched in event.kernels:
-            durations.setdefault(launched.name, []).append(launched.duration / 1e3)
+    for event in profile.events():      # the kernels themselves: Triton's launches through the
+        if event.device_type == torch.autograd.DeviceType.CUDA:     # driver have no parent op
+            durations.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e3)
     return {name: statistics.median(times) for name, times in durations.items()}
 
 
