@@ -539,16 +539,6 @@ def kernel_ms(call, settle_s=0.2):
     return {name: statistics.median(times) for name, times in durations.items()}
 
 
-def launched_ms(launch, config):
-    """kernel_ms of launch(config); without the kernels that did not launch where a configuration
-    does not fit this GPU (too much shared memory: the launch raises, and the later kernels of
-    the call do not run)."""
-    try:
-        return kernel_ms(lambda: launch(config))
-    except triton.runtime.errors.OutOfResources:
-        return {}
-
-
 def tiles():
     B, T = tokens // seq_len, seq_len
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -575,16 +565,16 @@ def tiles():
                 kernel.swat_forward(q, k, v, slopes, w, D ** -0.5, 0.0, out, config)
                 kernel.swat_backward(do, q, k, v, slopes, w, D ** -0.5, 0.0, dq, dk, dv, config)
             launch(None)                # the autotuner compiles every configuration at once
-            times = [launched_ms(launch, i) for i in range(kernel.FAST_CONFIGS)]
+            times = [kernel_ms(lambda: launch(i)) for i in range(kernel.FAST_CONFIGS)]
             flops = forward_flops(q, w)
             fastest = {}
             for launcher, name, matmuls in TILED_KERNELS:
-                ms = [next((t for launched, t in time.items()
-                            if launcher.kernel.__name__ in launched), math.inf) for time in times]
+                ms = [next(t for launched, t in time.items()
+                           if launcher.kernel.__name__ in launched) for time in times]
                 best = ms.index(min(ms))
                 fastest[name] = ms[best]
                 print(f"{D:>4} {H:>3} {w:>5} | {name:<7} | " +
-                      ' '.join('       -' if t == math.inf else f"{t:8.3f}" for t in ms) +
+                      ' '.join(f"{t:8.3f}" for t in ms) +
                       f" | {best:>7} | {matmuls / 2 * flops / ms[best] / 1e9:6.1f}")
             backward_ms = fastest['dk, dv'] + fastest['dq']
             print(f"{'':>14} | the fastest: forward {flops / fastest['forward'] / 1e9:.1f}, "
