@@ -569,8 +569,8 @@ def tiles():
             flops = forward_flops(q, w)
             fastest = {}
             for launcher, name, matmuls in TILED_KERNELS:
-                ms = [next(t for launched, t in time.items()
-                           if launcher.kernel.__name__ in launched) for time in times]
+                ms = [next(t for launched, t in timing.items()
+                           if launcher.kernel.__name__ in launched) for timing in times]
                 best = ms.index(min(ms))
                 fastest[name] = ms[best]
                 print(f"{D:>4} {H:>3} {w:>5} | {name:<7} | " +
